@@ -1,0 +1,93 @@
+"""What every source shares: which rows of a global batch this process owns, and which examples
+a step reads.
+
+A batch is a pure function of (seed, step, constructor args), so a resumed run reads exactly what
+an uninterrupted one would have, with no iterator state to checkpoint. Training walks the split
+in a fresh permutation per epoch (wrapping across epoch boundaries mid-batch); evaluation walks it
+once in order and pads the last batch, marking real rows with `mask`.
+"""
+
+import functools
+import operator
+
+import numpy as np
+
+# Streams drawn from the seed; distinct tags keep them independent of each other.
+SHUFFLE, AUGMENT, CONTENT = 0, 1, 2
+
+
+def process_split(process_index=None, process_count=None) -> tuple[int, int]:
+  """(index, count) of this process, defaulting to what JAX reports."""
+  if process_index is None or process_count is None:
+    import jax  # Lazily, so that data code and its tests run without initialising a backend.
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is outside [0, process_count={process_count})')
+  return process_index, process_count
+
+
+def process_rows(global_batch: int, process_index=None, process_count=None) -> slice:
+  """The rows of each global batch that this process loads."""
+  process_index, process_count = process_split(process_index, process_count)
+  if global_batch <= 0 or global_batch % process_count:
+    raise ValueError(f'global_batch={global_batch} must be a positive multiple of '
+                     f'process_count={process_count}')
+  local = global_batch // process_count
+  return slice(process_index * local, (process_index + 1) * local)
+
+
+@functools.lru_cache(maxsize=8)
+def permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+  perm = np.random.default_rng([seed, SHUFFLE, epoch]).permutation(n)
+  perm.flags.writeable = False  # Shared through the cache.
+  return perm
+
+
+class Source:
+  """Base of the finite sources: subclasses set `num_examples` and implement `_examples`."""
+
+  num_examples: int
+
+  def __init__(self, global_batch, seed=0, train=True, process_index=None, process_count=None):
+    self.rows = process_rows(global_batch, process_index, process_count)
+    self.global_batch = global_batch
+    self.local_batch = self.rows.stop - self.rows.start
+    self.seed = seed
+    self.train = train
+
+  def num_eval_batches(self) -> int:
+    """Batches that cover the split exactly once (the last one padded)."""
+    return -(-self.num_examples // self.global_batch)
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of global batch `step`; eval batches carry a float32 `mask`."""
+    step = operator.index(step)
+    if step < 0:
+      raise ValueError(f'step must be >= 0, got {step}')
+    positions = step * self.global_batch + np.arange(self.rows.start, self.rows.stop)
+    if self.train:
+      return self._examples(self._train_indices(step, positions), step)
+    if step >= self.num_eval_batches():
+      raise IndexError(f'eval batch {step} is past the last one ({self.num_eval_batches() - 1})')
+    out = self._examples(np.minimum(positions, self.num_examples - 1), step)
+    out['mask'] = (positions < self.num_examples).astype(np.float32)
+    return out
+
+  def _train_indices(self, step: int, positions: np.ndarray) -> np.ndarray:
+    del step
+    epochs, offsets = np.divmod(positions, self.num_examples)
+    indices = np.empty_like(positions)
+    # A batch spans at most a few epochs (more only if the batch exceeds the split).
+    for epoch in np.unique(epochs):
+      at = epochs == epoch
+      indices[at] = permutation(self.num_examples, self.seed, int(epoch))[offsets[at]]
+    return indices
+
+  def _augment_rng(self, step: int) -> np.random.Generator:
+    """Randomness for augmentation: draw for the GLOBAL batch, then slice with `self.rows`, so the
+    process split does not change what a row gets."""
+    return np.random.default_rng([self.seed, AUGMENT, step])
+
+  def _examples(self, indices: np.ndarray, step: int) -> dict[str, np.ndarray]:
+    raise NotImplementedError

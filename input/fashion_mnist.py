@@ -1,0 +1,93 @@
+"""Fashion-MNIST (60k train, 10k test, 28x28 grey, 10 classes) from the idx files that the Debian
+package `dataset-fashion-mnist` installs; TFDS is the fallback where those are absent."""
+
+import functools
+import gzip
+import pathlib
+
+import numpy as np
+
+from input import common
+
+DEFAULT_DIR = '/usr/share/datasets/fashion-mnist'
+_FILES = {'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+          'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')}
+_SIZE = 28
+
+
+def read_idx(path) -> np.ndarray:
+  """An idx file: 2 zero bytes, a type byte (8 = uint8), the rank, big-endian uint32 dims, data."""
+  with (gzip.open if str(path).endswith('.gz') else open)(path, 'rb') as f:
+    data = f.read()
+  if data[:2] != b'\0\0' or data[2] != 8:
+    raise ValueError(f'{path} is not a uint8 idx file (header {data[:4].hex()})')
+  rank = data[3]
+  dims = np.frombuffer(data, '>u4', count=rank, offset=4)
+  return np.frombuffer(data, np.uint8, offset=4 + 4 * rank).reshape(dims)
+
+
+def _from_tfds(split):
+  """The split as (images, labels) via TFDS, or None where TensorFlow is not installed."""
+  try:
+    import tensorflow  # noqa: F401  tfds.load needs it; checking first avoids a confusing error
+    import tensorflow_datasets as tfds
+  except ImportError:
+    return None
+  data = tfds.as_numpy(tfds.load('fashion_mnist', split=split, batch_size=-1))
+  return data['image'][..., 0], data['label']
+
+
+@functools.lru_cache(maxsize=None)
+def load(split: str = 'train', data_dir: str = DEFAULT_DIR) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 [n, 28, 28], int32 [n]) for a split, read once per process and shared read-only."""
+  root = pathlib.Path(data_dir)
+  paths = [root / name for name in _FILES[split]]
+  if all(path.is_file() for path in paths):
+    images, labels = (read_idx(path) for path in paths)
+  elif (found := _from_tfds(split)) is not None:
+    images, labels = found
+  else:
+    missing = next(path for path in paths if not path.is_file())
+    raise FileNotFoundError(
+        f'Fashion-MNIST: {missing} not found. Install it with `apt-get install '
+        f'dataset-fashion-mnist`, or pass data_dir=DIR holding {", ".join(_FILES["train"])}, '
+        f'{", ".join(_FILES["test"])} (tensorflow + tensorflow_datasets also work).')
+  images, labels = np.ascontiguousarray(images, np.uint8), labels.astype(np.int32)
+  if images.shape[1:] != (_SIZE, _SIZE) or len(images) != len(labels):
+    raise ValueError(f'Fashion-MNIST {split}: images {images.shape} do not match labels '
+                     f'{labels.shape}')
+  images.flags.writeable = labels.flags.writeable = False
+  return images, labels
+
+
+class FashionMNIST(common.Source):
+  """{'image': float32 [b, S, S, 1] in [-1, 1], 'label': int32 [b]}; random horizontal flips when
+  `train`. S > 28 pads with black (-1) around the centre, S < 28 resizes (bilinear, antialiased)."""
+
+  def __init__(self, global_batch, split='train', image_size=28, train=True, seed=0,
+               data_dir=None, process_index=None, process_count=None):
+    super().__init__(global_batch, seed, train, process_index, process_count)
+    if split not in _FILES:
+      raise ValueError(f"split must be one of {sorted(_FILES)}, got {split!r}")
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+      raise ValueError(f'image_size must be a positive int, got {image_size!r}')
+    self.split, self.image_size = split, image_size
+    self._images, self._labels = load(split, str(data_dir or DEFAULT_DIR))
+    self.num_examples = len(self._labels)
+
+  def _examples(self, indices, step):
+    images = self._images[indices]
+    if self.train:
+      flip = self._augment_rng(step).random(self.global_batch)[self.rows] < 0.5
+      images = np.where(flip[:, None, None], images[:, :, ::-1], images)
+    size = self.image_size
+    if size < _SIZE:
+      from PIL import Image  # Only this path needs it.
+      images = np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BILINEAR))
+                         for x in images])
+    images = images.astype(np.float32) / 127.5 - 1
+    if size > _SIZE:
+      before = (size - _SIZE) // 2
+      pad = (before, size - _SIZE - before)
+      images = np.pad(images, ((0, 0), pad, pad), constant_values=-1)
+    return {'image': images[..., None], 'label': self._labels[indices]}

@@ -1,0 +1,100 @@
+"""Multi-head self-attention: bidirectional or causal, einsum reference or fused kernel, KV cache.
+
+Shapes: b batch, l query length, s key length, d model, n heads, h head dim.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from layers.linears import DenseGeneral
+from layers.sharding import shard
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row stays NaN-free
+IMPLEMENTATIONS = ('einsum', 'xla', 'cudnn', 'auto')
+
+
+def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
+  """softmax(q k^T / sqrt(h)) v with the softmax in float32.
+
+  q [b, l, n, h], k/v [b, s, n, h]; mask broadcastable to [b, n, l, s] (True = may attend).
+  `causal` masks key j > query i (for l == s). 'einsum' is the readable reference; 'xla',
+  'cudnn' and 'auto' go through jax.nn.dot_product_attention ('auto' lets JAX choose).
+  """
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f'attention impl {impl!r}; choose one of {IMPLEMENTATIONS}')
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  if impl != 'einsum':
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, scale=scale, is_causal=causal,
+        implementation=None if impl == 'auto' else impl)
+    return out
+  logits = jnp.einsum('blnh,bsnh->bnls', q, k, preferred_element_type=jnp.float32) * scale
+  if causal:
+    l, s = logits.shape[-2:]
+    causal_mask = jnp.arange(l)[:, None] >= jnp.arange(s)[None, :]
+    mask = causal_mask if mask is None else jnp.logical_and(mask, causal_mask)
+  if mask is not None:
+    logits = jnp.where(mask, logits, _MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum('bnls,bsnh->blnh', probs, v)
+
+
+class SelfAttention(nn.Module):
+  """Self-attention with separate q/k/v projections ('embed', 'heads', 'kv').
+
+  With `decode=True` keys and values go to a 'cache' collection of length `max_len`, taken from
+  the input length at init (init with a [b, max_len, d] dummy). Each call then appends its l
+  tokens at the cache index and attends causally over everything written so far: one call with
+  the prompt (prefill), then one call per generated token.
+  """
+  num_heads: int
+  head_dim: int | None = None
+  causal: bool = False
+  use_bias: bool = True
+  impl: str = 'einsum'
+  decode: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, l, d = x.shape
+    n = self.num_heads
+    if self.head_dim is None and d % n:
+      raise ValueError(f'model dim {d} is not divisible by num_heads {n}')
+    h = self.head_dim or d // n
+    proj = lambda name: DenseGeneral((n, h), ('embed', 'heads', 'kv'), use_bias=self.use_bias,
+                                     dtype=self.dtype, name=name)
+    q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)           # [b, l, n, h]
+    q = shard(q, ('act_batch', 'act_len', 'act_heads', None))
+    k = shard(k, ('act_batch', 'act_len', 'act_heads', None))
+    v = shard(v, ('act_batch', 'act_len', 'act_heads', None))
+
+    if self.decode:
+      out = self._decode(q, k, v)
+    else:
+      out = attend(q, k, v, causal=self.causal, impl=self.impl)
+    out = shard(out, ('act_batch', 'act_len', 'act_heads', None))
+    return DenseGeneral(d, ('heads', 'kv', 'embed'), num_contract=2, use_bias=self.use_bias,
+                        dtype=self.dtype, name='out')(out)
+
+  def _decode(self, q, k, v):
+    initialised = self.has_variable('cache', 'cached_key')
+    ck = self.variable('cache', 'cached_key', jnp.zeros, k.shape, k.dtype)
+    cv = self.variable('cache', 'cached_value', jnp.zeros, v.shape, v.dtype)
+    index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+    if not initialised:  # init call only sizes the cache
+      return attend(q, k, v, causal=True, impl=self.impl)
+    l, max_len = q.shape[1], ck.value.shape[1]
+    i = index.value
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, i, 0, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, i, 0, 0))
+    index.value = i + l
+    # query at absolute position i + t may see keys 0 .. i + t; unwritten slots lie beyond that
+    mask = (i + jnp.arange(l))[:, None] >= jnp.arange(max_len)[None, :]
+    impl = 'einsum' if self.impl == 'cudnn' else self.impl  # cuDNN wants no explicit mask
+    return attend(q, ck.value.astype(q.dtype), cv.value.astype(q.dtype),
+                  mask[None, None], impl=impl)

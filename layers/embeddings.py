@@ -1,0 +1,125 @@
+"""Token, position, patch and timestep embeddings, and fixed sin-cos tables."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from layers.linears import Dense
+
+
+def sincos_1d(dim: int, positions: np.ndarray, max_period: float = 10000.0) -> np.ndarray:
+  """[len(positions), dim]: first half sin, second half cos, frequencies 1 / max_period^(2i/dim)."""
+  if dim % 2:
+    raise ValueError(f'sin-cos embedding dim {dim} must be even')
+  omega = 1.0 / max_period ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  angles = np.asarray(positions, np.float64).reshape(-1)[:, None] * omega[None, :]
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
+
+
+def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
+  """[grid_size**2, dim] row-major over (row, col): half the channels encode the column, half the row.
+
+  The same layout as the MAE/DiT reference tables, so published DiT weights line up.
+  """
+  if dim % 4:
+    raise ValueError(f'2D sin-cos embedding dim {dim} must be divisible by 4')
+  rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing='ij')
+  return np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+
+
+def timestep_features(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """[b] -> [b, dim] sinusoidal features of (possibly fractional) timesteps; cos half first."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class Embed(nn.Module):
+  """Lookup table [v, d] ('vocab', 'embed'); `attend` reuses it as a tied output projection."""
+  num_embeddings: int
+  features: int
+  dtype: jnp.dtype = jnp.float32
+  init_std: float = 0.02
+
+  def setup(self):
+    self.embedding = self.param(
+        'embedding', nn.with_logical_partitioning(nn.initializers.normal(self.init_std),
+                                                  ('vocab', 'embed')),
+        (self.num_embeddings, self.features), jnp.float32)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """[..., d] -> [..., v] logits against the table."""
+    return jnp.einsum('...d,vd->...v', x, self.embedding.astype(self.dtype))
+
+
+class PositionEmbed(nn.Module):
+  """Learned absolute positions [max_len, d] ('pos', 'embed')."""
+  max_len: int
+  features: int
+  dtype: jnp.dtype = jnp.float32
+  init_std: float = 0.02
+
+  @nn.compact
+  def __call__(self, positions: jax.Array) -> jax.Array:
+    table = self.param('embedding', nn.with_logical_partitioning(
+        nn.initializers.normal(self.init_std), ('pos', 'embed')),
+        (self.max_len, self.features), jnp.float32)
+    return jnp.take(table, positions, axis=0).astype(self.dtype)
+
+
+def patchify(x: jax.Array, patch: int) -> jax.Array:
+  """[b, H, W, c] -> [b, (H/p)(W/p), p*p*c], patches row-major, pixels (row, col, channel)."""
+  b, hh, ww, c = x.shape
+  if hh % patch or ww % patch:
+    raise ValueError(f'image size {hh}x{ww} is not divisible by patch size {patch}')
+  x = x.reshape(b, hh // patch, patch, ww // patch, patch, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (hh // patch) * (ww // patch), patch * patch * c)
+
+
+def unpatchify(x: jax.Array, patch: int, height: int, width: int) -> jax.Array:
+  """Inverse of `patchify`: [b, (H/p)(W/p), p*p*c] -> [b, H, W, c]."""
+  b, _, ppc = x.shape
+  c = ppc // (patch * patch)
+  x = x.reshape(b, height // patch, width // patch, patch, patch, c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, height, width, c)
+
+
+class PatchEmbed(nn.Module):
+  """A stride-p, p x p convolution, computed as patchify + one matmul ('patch', 'embed').
+
+  The kernel is the conv kernel [p, p, c, d] flattened row-major to [p*p*c, d].
+  """
+  patch: int
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    patches = patchify(x, self.patch)                                       # [b, l, p*p*c]
+    return Dense(self.features, ('patch', 'embed'), dtype=self.dtype, name='proj')(patches)
+
+
+class TimestepEmbed(nn.Module):
+  """Scalar timestep -> sinusoidal features -> Dense -> SiLU -> Dense (as in DiT)."""
+  features: int
+  frequency_dim: int = 256
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: jax.Array) -> jax.Array:
+    init = nn.initializers.normal(0.02)
+    y = timestep_features(t, self.frequency_dim)
+    y = Dense(self.features, ('freq', 'mlp'), kernel_init=init, dtype=self.dtype, name='wi')(y)
+    return Dense(self.features, ('mlp', 'embed'), kernel_init=init, dtype=self.dtype,
+                 name='wo')(nn.silu(y))

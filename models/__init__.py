@@ -1,0 +1,1 @@
+"""The architectures, one per file, composed from layers/."""

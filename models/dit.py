@@ -1,0 +1,76 @@
+"""DiT: a class-conditional diffusion transformer (Peebles & Xie, 2023), predicting velocity.
+
+Shapes: b batch, H W c image (pixels or latents), p patch, l = (H/p)(W/p) tokens, d model.
+
+  x [b, H, W, c] --patch embed + fixed 2D sin-cos--> [b, l, d]
+  t [b] in [0, 1] --timestep MLP--> [b, d]  +  y [b] --class table (num_classes + 1 rows)--> [b, d]
+  -> depth adaLN-Zero blocks conditioned on c = t_emb + y_emb -> final adaLN layer -> [b, H, W, c]
+
+Row `num_classes` of the class table is the "null" class used for classifier-free guidance.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from layers.embeddings import Embed, PatchEmbed, TimestepEmbed, sincos_2d
+from layers.heads import FinalAdaLN
+from layers.sharding import shard
+from layers.transformers import Backbone, block_flops
+
+# hidden, depth, heads (mlp ratio 4), as in the DiT paper's Table 1.
+SIZES = {
+    'T': (128, 6, 4), 'S': (384, 12, 6), 'B': (768, 12, 12), 'L': (1024, 24, 16),
+    'XL': (1152, 28, 16),
+}
+
+
+class DiT(nn.Module):
+  image_size: int
+  channels: int
+  patch: int
+  hidden: int
+  depth: int
+  heads: int
+  num_classes: int
+  mlp_ratio: float = 4.0
+  time_scale: float = 1000.0   # t in [0, 1] is scaled so the sinusoid frequencies cover it
+  attention_impl: str = 'einsum'
+  remat: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @property
+  def null_class(self) -> int:
+    return self.num_classes
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+    b, hh, ww, c = x.shape
+    if hh % self.patch or ww % self.patch:
+      raise ValueError(f'image size {hh}x{ww} is not divisible by patch {self.patch}')
+    if self.hidden % self.heads:
+      raise ValueError(f'hidden {self.hidden} is not divisible by heads {self.heads}')
+    grid = hh // self.patch
+    h = PatchEmbed(self.patch, self.hidden, dtype=self.dtype, name='patch_embed')(x)  # [b, l, d]
+    h = h + jnp.asarray(sincos_2d(self.hidden, grid), self.dtype)[None]
+    h = shard(h, ('act_batch', 'act_len', 'act_embed'))
+    cond = TimestepEmbed(self.hidden, dtype=self.dtype, name='t_embed')(t * self.time_scale)
+    cond = cond + Embed(self.num_classes + 1, self.hidden, dtype=self.dtype, name='y_embed')(y)
+    cond = shard(cond, ('act_batch', 'act_embed'))                                   # [b, d]
+    h = Backbone(self.depth, self.heads, self.mlp_ratio, conditioned=True,
+                 attention_impl=self.attention_impl, remat=self.remat, dtype=self.dtype,
+                 name='backbone')(h, cond)
+    out = FinalAdaLN(self.patch, c, hh, ww, dtype=self.dtype, name='final')(h, cond)
+    return out.astype(jnp.float32)
+
+
+def flops_per_example(image_size: int, channels: int, patch: int, hidden: int, depth: int,
+                      mlp_ratio: float = 4.0, frequency_dim: int = 256, **_) -> int:
+  """Forward matmul FLOPs for one image (2 per multiply-add)."""
+  l, d, ppc = (image_size // patch) ** 2, hidden, patch * patch * channels
+  flops = 2 * l * ppc * d                                       # patch embedding
+  flops += 2 * (frequency_dim * d + d * d)                      # timestep MLP
+  flops += depth * block_flops(l, d, int(d * mlp_ratio), conditioned=True)
+  flops += 2 * d * 2 * d + 2 * l * d * ppc                      # final adaLN + projection
+  return flops

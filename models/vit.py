@@ -1,0 +1,61 @@
+"""ViT: image classification with a bidirectional backbone (Dosovitskiy et al., 2021).
+
+Shapes: b batch, H W c image, p patch, l = (H/p)(W/p) patches, d model, v classes.
+
+  x [b, H, W, c] --patch embed + fixed 2D sin-cos--> [b, l, d] --prepend class token--> [b, l+1, d]
+  -> depth blocks -> norm + Dense on the class token -> logits [b, v]
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from layers.embeddings import PatchEmbed, sincos_2d
+from layers.heads import ClassifierHead
+from layers.sharding import shard
+from layers.transformers import Backbone, block_flops
+
+SIZES = {
+    'T': (128, 6, 4), 'S': (384, 12, 6), 'B': (768, 12, 12), 'L': (1024, 24, 16),
+    'XL': (1152, 28, 16),
+}
+
+
+class ViT(nn.Module):
+  image_size: int
+  channels: int
+  patch: int
+  hidden: int
+  depth: int
+  heads: int
+  num_classes: int
+  mlp_ratio: float = 4.0
+  attention_impl: str = 'einsum'
+  remat: bool = False
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, hh, ww, _ = x.shape
+    if hh % self.patch or ww % self.patch:
+      raise ValueError(f'image size {hh}x{ww} is not divisible by patch {self.patch}')
+    h = PatchEmbed(self.patch, self.hidden, dtype=self.dtype, name='patch_embed')(x)
+    h = h + jnp.asarray(sincos_2d(self.hidden, hh // self.patch), self.dtype)[None]
+    cls = self.param('cls_token', nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), ('embed',)), (self.hidden,), jnp.float32)
+    h = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.hidden)), h], 1)
+    h = shard(h, ('act_batch', 'act_len', 'act_embed'))                      # [b, l+1, d]
+    h = Backbone(self.depth, self.heads, self.mlp_ratio, attention_impl=self.attention_impl,
+                 remat=self.remat, dtype=self.dtype, name='backbone')(h)
+    logits = ClassifierHead(self.num_classes, dtype=self.dtype, name='head')(h[:, 0])
+    return logits.astype(jnp.float32)                                       # [b, v]
+
+
+def flops_per_example(image_size: int, channels: int, patch: int, hidden: int, depth: int,
+                      num_classes: int, mlp_ratio: float = 4.0, **_) -> int:
+  """Forward matmul FLOPs for one image (2 per multiply-add)."""
+  l, d = (image_size // patch) ** 2, hidden
+  flops = 2 * l * patch * patch * channels * d
+  flops += depth * block_flops(l + 1, d, int(d * mlp_ratio))
+  return flops + 2 * d * num_classes

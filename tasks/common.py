@@ -1,0 +1,32 @@
+"""Pieces shared by every objective."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Leaf names that are embeddings, norms or biases: never weight-decayed.
+_NO_DECAY = ('bias', 'scale', 'embedding', 'cls_token')
+
+
+def weight_decay_mask(params):
+  """True for matmul kernels only; embeddings, norm scales and biases are excluded."""
+  def decay(path, _):
+    name = str(getattr(path[-1], 'key', path[-1]))
+    return name not in _NO_DECAY
+  return jax.tree_util.tree_map_with_path(decay, params)
+
+
+def batch_mask(batch, size: int) -> jax.Array:
+  """Eval batches carry 'mask' (1 real row, 0 padding); training batches are all real."""
+  mask = batch.get('mask')
+  return jnp.ones((size,), jnp.float32) if mask is None else mask.astype(jnp.float32)
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  """Per-example softmax cross-entropy in float32; logits [..., v], integer labels [...]."""
+  logits = logits.astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+  if label_smoothing:
+    nll = (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+  return nll

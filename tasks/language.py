@@ -1,0 +1,79 @@
+"""Autoregressive language modelling: next-token loss, perplexity, sampling through the KV cache."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from tasks.common import batch_mask, cross_entropy
+
+
+class LanguageModeling:
+  """batch: {'tokens': int [b, l + 1], optional 'mask': [b]}; inputs are tokens[:, :-1],
+  targets tokens[:, 1:]."""
+
+  def loss(self, model, params, batch, rng):
+    del rng
+    tokens = batch['tokens']
+    logits = model.apply({'params': params}, tokens[:, :-1])               # [b, l, v]
+    targets = tokens[:, 1:]
+    loss = cross_entropy(logits, targets).mean()
+    return loss, {'accuracy': (logits.argmax(-1) == targets).mean()}
+
+  def eval_step(self, model, params, batch):
+    tokens = batch['tokens']
+    logits = model.apply({'params': params}, tokens[:, :-1])
+    targets = tokens[:, 1:]
+    mask = batch_mask(batch, tokens.shape[0])[:, None]
+    return {'loss_sum': (cross_entropy(logits, targets) * mask).sum(),
+            'correct': ((logits.argmax(-1) == targets) * mask).sum(),
+            'count': mask.sum() * targets.shape[1]}
+
+  def finalize(self, sums):
+    n = max(float(sums['count']), 1.0)
+    loss = float(sums['loss_sum']) / n
+    return {'loss': loss, 'accuracy': float(sums['correct']) / n,
+            'perplexity': math.exp(min(loss, 50.0))}
+
+
+def sample_logits(rng, logits, temperature: float = 1.0, top_k: int | None = None):
+  """[b, v] logits -> [b] token ids; temperature 0 is greedy; top_k keeps the k largest."""
+  if temperature == 0:
+    return logits.argmax(-1).astype(jnp.int32)
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(model, params, prompt, max_new_tokens: int, rng, temperature: float = 1.0,
+             top_k: int | None = None):
+  """Continue `prompt` [b, p] by `max_new_tokens` tokens with the KV cache; returns [b, p + new].
+
+  `model` is the training model; a decoding clone with a cache of length p + new is made here.
+  Jit-compatible (wrap in jax.jit with the int/float arguments static).
+  """
+  b, p = prompt.shape
+  total = p + max_new_tokens
+  decoder = model.clone(decode=True)
+  shapes = jax.eval_shape(decoder.init, jax.random.key(0), jnp.zeros((b, total), jnp.int32))
+  cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes['cache'])
+
+  def step(cache, tokens):
+    logits, updates = decoder.apply({'params': params, 'cache': cache}, tokens, mutable=['cache'])
+    return updates['cache'], logits[:, -1]
+
+  cache, last = step(cache, prompt)                                          # prefill
+  rngs = jax.random.split(rng, max_new_tokens)
+  first = sample_logits(rngs[0], last, temperature, top_k)
+
+  def body(carry, key):
+    cache, token = carry
+    cache, last = step(cache, token[:, None])
+    nxt = sample_logits(key, last, temperature, top_k)
+    return (cache, nxt), nxt
+
+  _, rest = jax.lax.scan(body, (cache, first), rngs[1:])
+  return jnp.concatenate([prompt, first[:, None], rest.T], axis=1)

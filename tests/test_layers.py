@@ -1,0 +1,176 @@
+"""Layers against independent NumPy references and closed forms."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from layers import attentions, embeddings, sharding
+from layers.normalizations import LayerNorm
+from layers.transformers import Block
+
+
+def np_attention(q, k, v, causal):
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  logits = np.einsum('blnh,bsnh->bnls', q, k) / math.sqrt(q.shape[-1])
+  if causal:
+    l, s = logits.shape[-2:]
+    logits = np.where(np.tril(np.ones((l, s), bool)), logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum('bnls,bsnh->blnh', p, v)
+
+
+@pytest.mark.parametrize('impl', ['einsum', 'xla'])
+@pytest.mark.parametrize('causal', [False, True])
+def test_attention_matches_numpy(impl, causal):
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.normal(size=(2, 7, 3, 8)).astype(np.float32) for _ in range(3))
+  out = attentions.attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), causal=causal,
+                          impl=impl)
+  np.testing.assert_allclose(np.asarray(out), np_attention(q, k, v, causal), atol=1e-5)
+
+
+@pytest.mark.parametrize('impl', ['einsum', 'xla'])
+def test_causal_attention_never_looks_ahead(impl):
+  layer = attentions.SelfAttention(num_heads=2, causal=True, impl=impl)
+  x = jax.random.normal(jax.random.key(0), (1, 6, 16))
+  params = layer.init(jax.random.key(1), x)
+  base = layer.apply(params, x)
+  for pos in range(6):
+    changed = x.at[:, pos].add(5.0)
+    out = layer.apply(params, changed)
+    np.testing.assert_allclose(out[:, :pos], base[:, :pos], atol=1e-6)  # earlier: untouched
+    assert not np.allclose(out[:, pos], base[:, pos])                    # itself: changed
+
+
+def test_attention_rejects_unknown_impl():
+  x = jnp.zeros((1, 2, 1, 4))
+  with pytest.raises(ValueError, match='einsum'):
+    attentions.attend(x, x, x, impl='flash')
+
+
+def test_layernorm_matches_numpy():
+  x = np.random.default_rng(1).normal(size=(3, 5, 12)).astype(np.float32)
+  ln = LayerNorm(epsilon=1e-5)
+  params = ln.init(jax.random.key(0), x)
+  params = jax.tree.map(lambda p: p + 0.5, nn.unbox(params))
+  mean = x.astype(np.float64).mean(-1, keepdims=True)
+  var = x.astype(np.float64).var(-1, keepdims=True)
+  want = (x - mean) / np.sqrt(var + 1e-5) * 1.5 + 0.5
+  np.testing.assert_allclose(ln.apply(params, x), want, atol=1e-5)
+
+
+def test_sincos_tables_match_closed_form():
+  dim, grid = 16, 4
+  want1 = np.zeros((5, dim))
+  for pos in range(5):
+    for i in range(dim // 2):
+      w = 10000.0 ** (-2.0 * i / dim)
+      want1[pos, i] = math.sin(pos * w)
+      want1[pos, dim // 2 + i] = math.cos(pos * w)
+  np.testing.assert_allclose(embeddings.sincos_1d(dim, np.arange(5)), want1, atol=1e-6)
+
+  table = embeddings.sincos_2d(dim, grid)
+  assert table.shape == (grid * grid, dim)
+  for r in range(grid):
+    for c in range(grid):
+      row = table[r * grid + c]
+      np.testing.assert_allclose(row[:dim // 2], embeddings.sincos_1d(dim // 2, [c])[0],
+                                 atol=1e-6)
+      np.testing.assert_allclose(row[dim // 2:], embeddings.sincos_1d(dim // 2, [r])[0],
+                                 atol=1e-6)
+
+
+def test_timestep_features_closed_form():
+  t = np.array([0.0, 3.0, 250.5], np.float32)
+  got = np.asarray(embeddings.timestep_features(jnp.asarray(t), 8))
+  freqs = np.exp(-math.log(10000) * np.arange(4) / 4)
+  want = np.concatenate([np.cos(t[:, None] * freqs), np.sin(t[:, None] * freqs)], axis=1)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_patchify_roundtrip_and_conv_equivalence():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 12, 3))
+  p = embeddings.patchify(x, 4)
+  assert p.shape == (2, 6, 48)
+  np.testing.assert_array_equal(embeddings.unpatchify(p, 4, 8, 12), x)
+  # PatchEmbed is a stride-p convolution: check against lax.conv with the reshaped kernel
+  layer = embeddings.PatchEmbed(patch=4, features=5)
+  params = nn.unbox(layer.init(jax.random.key(1), x))
+  out = layer.apply(params, x)
+  kernel = params['params']['proj']['kernel'].reshape(4, 4, 3, 5)
+  conv = jax.lax.conv_general_dilated(x, kernel, (4, 4), 'VALID',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  conv = conv + params['params']['proj']['bias']
+  np.testing.assert_allclose(out, conv.reshape(2, 6, 5), atol=1e-5)
+  with pytest.raises(ValueError, match='divisible by patch size 5'):
+    embeddings.patchify(x, 5)
+
+
+def test_adaln_zero_block_starts_as_identity():
+  block = Block(num_heads=2, conditioned=True)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  c = jax.random.normal(jax.random.key(1), (2, 16))
+  params = nn.unbox(block.init(jax.random.key(2), x, c))
+  np.testing.assert_array_equal(block.apply(params, x, c), x)
+  perturbed = jax.tree_util.tree_map_with_path(
+      lambda path, p: p + 0.1 if 'adaln' in jax.tree_util.keystr(path) else p, params)
+  assert np.abs(block.apply(perturbed, x, c) - x).max() > 1e-3
+
+
+def test_compute_dtype_keeps_float32_params():
+  block = Block(num_heads=2, dtype=jnp.bfloat16)
+  x = jnp.ones((1, 4, 16))
+  params = nn.unbox(block.init(jax.random.key(0), x))
+  assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+  assert block.apply(params, x).dtype == jnp.bfloat16
+
+
+class _Unnamed(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return x @ self.param('w', nn.initializers.ones, (4, 4))
+
+
+class _Named(nn.Module):
+  names: tuple
+  shape: tuple = (4, 4)
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param('w', nn.with_logical_partitioning(nn.initializers.ones, self.names), self.shape)
+    return x
+
+
+@pytest.mark.parametrize('module, message', [
+    (_Unnamed(), 'without logical axis names'),
+    (_Named(('embed', 'bogus')), 'not in the vocabulary'),
+    (_Named(('embed',)), 'rank-2'),
+    (_Named(('embed', 'embed')), 'used twice'),
+    (_Named(('act_batch', 'embed')), 'used twice'),   # act_batch takes fsdp too
+])
+def test_validator_rejects(module, message):
+  boxed = jax.eval_shape(module.init, jax.random.key(0), jnp.ones((2, 4)))['params']
+  with pytest.raises(ValueError, match=message):
+    sharding.validate_param_axes(boxed)
+
+
+def test_indivisible_weight_is_replicated_with_warning(caplog):
+  mesh = sharding.make_mesh({'fsdp': 8})
+  boxed = jax.eval_shape(_Named(('embed', 'mlp'), (6, 4)).init, jax.random.key(0),
+                         jnp.ones((2, 4)))['params']
+  with caplog.at_level('WARNING'):
+    shardings = sharding.param_shardings(boxed, mesh)
+  assert shardings['w'].spec == jax.sharding.PartitionSpec(None, None)
+  assert 'w: dim 6 (embed) is not divisible' in caplog.text
+
+
+def test_make_mesh_errors_name_numbers():
+  assert sharding.make_mesh({'data': 2, 'fsdp': -1}).shape == {'data': 2, 'fsdp': 4, 'tensor': 1}
+  with pytest.raises(ValueError, match='needs 6 devices but 8'):
+    sharding.make_mesh({'data': 2, 'fsdp': 3})
+  with pytest.raises(ValueError, match='unknown axes'):
+    sharding.make_mesh({'model': 2})
