@@ -123,6 +123,19 @@ def validate_param_axes(boxed_params, rules=DEFAULT_RULES) -> None:
     raise ValueError('invalid parameter partitioning:\n  ' + '\n  '.join(problems))
 
 
+def _box_sharding(path, leaf, mesh: Mesh, table: Mapping[str, Any]) -> NamedSharding:
+  spec = []
+  for dim, name in zip(leaf.value.shape, leaf.names):
+    axes = tuple(a for a in _mesh_axes_of(name, table) if mesh.shape.get(a, 1) > 1)
+    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    if axes and dim % size:
+      log.warning('%s: dim %d (%s) is not divisible by mesh axes %s of size %d; replicating it',
+                  _path_str(path), dim, name, axes, size)
+      axes = ()
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return NamedSharding(mesh, P(*spec))
+
+
 def param_shardings(boxed_params, mesh: Mesh, rules=DEFAULT_RULES):
   """NamedSharding per parameter (same tree structure, boxes removed).
 
@@ -130,22 +143,18 @@ def param_shardings(boxed_params, mesh: Mesh, rules=DEFAULT_RULES):
   instead of an opaque failure inside jit.
   """
   validate_param_axes(boxed_params, rules)
+  return tree_shardings(boxed_params, mesh, rules)
+
+
+def tree_shardings(boxed_tree, mesh: Mesh, rules=DEFAULT_RULES):
+  """Like `param_shardings` for any tree (a train state, say): boxed leaves by their names,
+  unboxed leaves (step counters, RNG keys) replicated. Optimizer moments built from boxed
+  params are boxed too, so they follow their parameter's sharding."""
   table = dict(rules)
-
-  def one(path, leaf):
-    spec = []
-    for dim, name in zip(leaf.value.shape, leaf.names):
-      axes = tuple(a for a in _mesh_axes_of(name, table) if mesh.shape.get(a, 1) > 1)
-      size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-      if axes and dim % size:
-        log.warning('%s: dim %d (%s) is not divisible by mesh axes %s of size %d; replicating it',
-                    _path_str(path), dim, name, axes, size)
-        axes = ()
-      spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return NamedSharding(mesh, P(*spec))
-
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
   return jax.tree_util.tree_map_with_path(
-      one, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+      lambda path, leaf: _box_sharding(path, leaf, mesh, table) if is_box(leaf)
+      else NamedSharding(mesh, P()), boxed_tree, is_leaf=is_box)
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:

@@ -9,9 +9,15 @@ from tasks.common import batch_mask, cross_entropy
 class Classification:
   """batch: {'image': [b, H, W, c], 'label': int [b], optional 'mask': [b]}."""
 
-  def __init__(self, num_classes: int, label_smoothing: float = 0.0):
+  def __init__(self, num_classes: int, image_size: int = 0, channels: int = 0,
+               label_smoothing: float = 0.0):
     self.num_classes = num_classes
+    self.image_size, self.channels = image_size, channels
     self.label_smoothing = label_smoothing
+
+  def init_inputs(self, batch_size: int):
+    """Zeros shaped like the model's inputs, for initialisation and eval_shape."""
+    return (jnp.zeros((batch_size, self.image_size, self.image_size, self.channels)),)
 
   def loss(self, model, params, batch, rng):
     del rng

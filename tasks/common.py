@@ -11,8 +11,9 @@ _NO_DECAY = ('bias', 'scale', 'embedding', 'cls_token')
 def weight_decay_mask(params):
   """True for matmul kernels only; embeddings, norm scales and biases are excluded."""
   def decay(path, _):
-    name = str(getattr(path[-1], 'key', path[-1]))
-    return name not in _NO_DECAY
+    # the last dict key; boxed (nn.LogicallyPartitioned) trees end in an attribute key instead
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return keys[-1] not in _NO_DECAY
   return jax.tree_util.tree_map_with_path(decay, params)
 
 

@@ -40,12 +40,26 @@ def euler_sample(velocity_fn, x0, num_steps: int):
 class FlowMatching:
   """batch: {'image': [b, H, W, c] in [-1, 1] (or latents), 'label': int [b]}."""
 
-  def __init__(self, num_classes: int, denoise_timesteps: int = 128,
-               class_dropout_prob: float = 0.1, cfg_scale: float = 1.5):
+  def __init__(self, num_classes: int, image_size: int = 0, channels: int = 0,
+               denoise_timesteps: int = 128, class_dropout_prob: float = 0.1,
+               cfg_scale: float = 1.5, sample_classes: int = 10, samples_per_class: int = 8):
     self.num_classes = num_classes
+    self.image_size, self.channels = image_size, channels
     self.denoise_timesteps = denoise_timesteps
     self.class_dropout_prob = class_dropout_prob
     self.cfg_scale = cfg_scale
+    self.sample_classes, self.samples_per_class = sample_classes, samples_per_class
+
+  def init_inputs(self, batch_size: int):
+    return (jnp.zeros((batch_size, self.image_size, self.image_size, self.channels)),
+            jnp.zeros((batch_size,)), jnp.zeros((batch_size,), jnp.int32))
+
+  def samples(self, model, params, rng):
+    """{'images': [classes * per_class, H, W, c]}, one row per class (Euler + CFG)."""
+    labels = jnp.repeat(jnp.arange(self.sample_classes), self.samples_per_class)
+    shape = (self.image_size, self.image_size, self.channels)
+    fn = jax.jit(lambda p, r: self.sample(model, p, labels, r, shape))
+    return {'images': fn(params, rng), 'ncols': self.samples_per_class}
 
   def _noised(self, batch, rng):
     x1, y = batch['image'], batch['label']

@@ -13,6 +13,27 @@ class LanguageModeling:
   """batch: {'tokens': int [b, l + 1], optional 'mask': [b]}; inputs are tokens[:, :-1],
   targets tokens[:, 1:]."""
 
+  def __init__(self, seq_len: int = 0, sample_prompt: str = '\n', sample_tokens: int = 64,
+               temperature: float = 0.8, top_k: int | None = 40):
+    self.seq_len = seq_len
+    self.sample_prompt, self.sample_tokens = sample_prompt, sample_tokens
+    self.temperature, self.top_k = temperature, top_k
+
+  def init_inputs(self, batch_size: int):
+    return (jnp.zeros((batch_size, self.seq_len), jnp.int32),)
+
+  def samples(self, model, params, rng):
+    """{'text': prompt + a sampled continuation} decoded with the GPT-2 BPE."""
+    from input.tokenizer import gpt2_encoding  # the tokenizer is needed only here
+    enc = gpt2_encoding()
+    prompt = enc.encode(self.sample_prompt, allowed_special='all')[-self.seq_len // 2:]
+    prompt = jnp.asarray([prompt], jnp.int32) % model.vocab_size
+    new = min(self.sample_tokens, self.seq_len - prompt.shape[1])
+    out = jax.jit(lambda p, r: generate(model, p, prompt, new, r, self.temperature,
+                                        self.top_k))(params, rng)
+    tokens = [int(t) for t in jax.device_get(out)[0]]
+    return {'text': enc.decode([t for t in tokens if t < enc.n_vocab])}
+
   def loss(self, model, params, batch, rng):
     del rng
     tokens = batch['tokens']

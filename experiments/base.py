@@ -1,0 +1,243 @@
+"""The Experiment base class, its registry, and command-line overrides.
+
+An experiment is a class. UPPER_CASE attributes are its knobs (plain values); methods turn them
+into Fiddle configs, so a subclass that changes HIDDEN changes everything derived from it:
+
+    class MyDiT(DiT_T_FashionMNIST):
+      HIDDEN = 192
+      NUM_STEPS = 5000
+
+Every concrete subclass registers itself under its class name; families and data mixins pass
+`abstract=True`. `--exp=my_pkg.my_exps.MyDiT` imports the module first, so experiments defined
+outside this repository are found too.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib
+import inspect
+from typing import Any
+
+import fiddle as fdl
+
+from trainer.optimizer import adamw
+
+REGISTRY: dict[str, type['Experiment']] = {}
+
+
+class ConfigError(ValueError):
+  """A bad experiment name, override or knob value; the message says how to fix it."""
+
+
+@dataclasses.dataclass
+class LoopSettings:
+  """What the training loop needs besides model, task, data and optimizer."""
+  num_steps: int
+  global_batch: int
+  seed: int = 0
+  log_every: int = 50
+  eval_every: int = 500
+  eval_batches: int = 0            # 0: the whole eval split
+  sample_every: int = 0            # 0: only at the end
+  ckpt_every: int = 1000
+  keep_ckpts: int = 3
+  ema_decay: float = 0.0
+  mesh: dict = dataclasses.field(default_factory=lambda: {'data': 1, 'fsdp': -1, 'tensor': 1})
+  flops_per_example: int = 0       # forward matmul FLOPs, for TFLOP/s and MFU
+  tokens_per_example: int = 0      # > 0 for language models: logs perf/tokens_per_s
+  experiment: str = ''
+
+
+@dataclasses.dataclass
+class RunConfig:
+  model: Any
+  task: Any
+  train_data: Any
+  eval_data: Any
+  optimizer: Any
+  loop: LoopSettings
+
+
+class Experiment:
+  """Knobs shared by every family. Override in subclasses or with `--set KNOB=VALUE`."""
+  NUM_STEPS = 1000
+  GLOBAL_BATCH = 64
+  SEED = 0
+  LR = 1e-4
+  WARMUP = 100
+  LR_SCHEDULE = 'constant'        # 'constant' | 'cosine'
+  WEIGHT_DECAY = 0.0
+  ADAM_B1 = 0.9
+  ADAM_B2 = 0.999
+  GRAD_CLIP = 1.0                 # global-norm clipping; 0 disables
+  EMA_DECAY = 0.0                 # 0: no EMA parameters
+  DTYPE = 'float32'               # compute dtype; parameters stay float32
+  HIDDEN = 128
+  DEPTH = 6
+  HEADS = 4
+  MLP_RATIO = 4.0
+  PATCH = 2
+  ATTENTION_IMPL = 'einsum'       # 'einsum' | 'xla' | 'cudnn' | 'auto'
+  REMAT = False
+  LOG_EVERY = 50
+  EVAL_EVERY = 500
+  EVAL_BATCHES = 0
+  SAMPLE_EVERY = 0
+  CKPT_EVERY = 1000
+  KEEP_CKPTS = 3
+  MESH = {'data': 1, 'fsdp': -1, 'tensor': 1}
+
+  def __init_subclass__(cls, abstract: bool = False, **kwargs):
+    super().__init_subclass__(**kwargs)
+    cls._abstract = abstract
+    if not abstract:
+      REGISTRY.setdefault(cls.__name__, cls)
+      REGISTRY[f'{cls.__module__}.{cls.__qualname__}'] = cls
+
+  # -- what families and data mixins provide ------------------------------------------------------
+  def model(self) -> fdl.Config:
+    raise NotImplementedError
+
+  def task(self) -> fdl.Config:
+    raise NotImplementedError
+
+  def train_data(self) -> fdl.Config:
+    raise NotImplementedError
+
+  def eval_data(self) -> fdl.Config:
+    raise NotImplementedError
+
+  def flops_per_example(self) -> int:
+    return 0
+
+  def tokens_per_example(self) -> int:
+    return 0
+
+  # -- shared -------------------------------------------------------------------------------------
+  def validate(self) -> None:
+    """Shape arithmetic checked before anything is built, with both numbers in the message."""
+    if self.HIDDEN % self.HEADS:
+      raise ConfigError(f'HIDDEN={self.HIDDEN} is not divisible by HEADS={self.HEADS}')
+    if self.GLOBAL_BATCH <= 0:
+      raise ConfigError(f'GLOBAL_BATCH={self.GLOBAL_BATCH} must be positive')
+    if self.LR_SCHEDULE not in ('constant', 'cosine'):
+      raise ConfigError(f"LR_SCHEDULE={self.LR_SCHEDULE!r}: use 'constant' or 'cosine'")
+    if self.DTYPE not in ('float32', 'bfloat16'):
+      raise ConfigError(f"DTYPE={self.DTYPE!r}: use 'float32' or 'bfloat16'")
+
+  def optimizer(self) -> fdl.Config:
+    return fdl.Config(adamw, lr=self.LR, warmup=self.WARMUP, schedule=self.LR_SCHEDULE,
+                      num_steps=self.NUM_STEPS, weight_decay=self.WEIGHT_DECAY,
+                      b1=self.ADAM_B1, b2=self.ADAM_B2, grad_clip=self.GRAD_CLIP)
+
+  def loop(self) -> fdl.Config:
+    return fdl.Config(
+        LoopSettings, num_steps=self.NUM_STEPS, global_batch=self.GLOBAL_BATCH, seed=self.SEED,
+        log_every=self.LOG_EVERY, eval_every=self.EVAL_EVERY, eval_batches=self.EVAL_BATCHES,
+        sample_every=self.SAMPLE_EVERY, ckpt_every=self.CKPT_EVERY, keep_ckpts=self.KEEP_CKPTS,
+        ema_decay=self.EMA_DECAY, mesh=dict(self.MESH),
+        flops_per_example=int(self.flops_per_example()),
+        tokens_per_example=int(self.tokens_per_example()), experiment=type(self).__name__)
+
+  def config(self) -> fdl.Config:
+    self.validate()
+    return fdl.Config(RunConfig, model=self.model(), task=self.task(),
+                      train_data=self.train_data(), eval_data=self.eval_data(),
+                      optimizer=self.optimizer(), loop=self.loop())
+
+  @classmethod
+  def knobs(cls) -> dict[str, Any]:
+    return {k: getattr(cls, k) for k in dir(cls) if k.isupper() and not k.startswith('_')}
+
+
+# -- lookup ---------------------------------------------------------------------------------------
+def _import_experiment_modules() -> None:
+  for name in ('experiments.dit', 'experiments.vit', 'experiments.gpt'):
+    importlib.import_module(name)
+
+
+def registered() -> dict[str, type[Experiment]]:
+  """Short name -> class for every concrete experiment."""
+  _import_experiment_modules()
+  return {k: v for k, v in sorted(REGISTRY.items()) if '.' not in k}
+
+
+def get(name: str) -> type[Experiment]:
+  """Find an experiment by class name, or by `module.path.ClassName` (importing the module)."""
+  _import_experiment_modules()
+  if name in REGISTRY:
+    return REGISTRY[name]
+  if '.' in name:
+    module, _, cls_name = name.rpartition('.')
+    try:
+      mod = importlib.import_module(module)
+    except ImportError as e:
+      raise ConfigError(f'--exp={name}: cannot import module {module!r} ({e})') from None
+    cls = getattr(mod, cls_name, None)
+    if inspect.isclass(cls) and issubclass(cls, Experiment) and not cls._abstract:
+      return cls
+    raise ConfigError(f'--exp={name}: module {module!r} has no concrete Experiment subclass '
+                      f'named {cls_name!r}')
+  close = difflib.get_close_matches(name, list(registered()), n=5, cutoff=0.5)
+  hint = f' Did you mean: {", ".join(close)}?' if close else ''
+  raise ConfigError(f'unknown experiment {name!r}.{hint} (--exp=list shows all)')
+
+
+# -- overrides ------------------------------------------------------------------------------------
+def parse_value(text: str) -> Any:
+  """Python literal if it parses as one ('3', '1e-4', 'True', "{'fsdp': 4}"), else the string."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def split_override(item: str) -> tuple[str, Any]:
+  if '=' not in item:
+    raise ConfigError(f'--set {item!r}: expected KEY=VALUE')
+  key, _, value = item.partition('=')
+  return key.strip(), parse_value(value.strip())
+
+
+def build_config(name: str, overrides: list[str] = ()) -> tuple[Experiment, fdl.Config]:
+  """Experiment instance and its config with overrides applied.
+
+  Knob overrides (UPPER_CASE) are set on the experiment first, so derived values follow them;
+  then dotted Fiddle paths (`model.depth=2`) edit the finished config, each group in order.
+  """
+  cls = get(name)
+  exp = cls()
+  pairs = [split_override(o) for o in overrides]
+  knobs = cls.knobs()
+  for key, value in pairs:
+    if '.' in key:
+      continue
+    if key not in knobs:
+      close = difflib.get_close_matches(key, list(knobs), n=3, cutoff=0.5)
+      hint = f' Did you mean: {", ".join(close)}?' if close else ''
+      raise ConfigError(f'--set {key}: {cls.__name__} has no knob {key!r}.{hint}')
+    setattr(exp, key, value)
+  cfg = exp.config()
+  for key, value in pairs:
+    if '.' in key:
+      set_path(cfg, key, value)
+  return exp, cfg
+
+
+def set_path(cfg: fdl.Config, path: str, value: Any) -> None:
+  node, parts = cfg, path.split('.')
+  for i, part in enumerate(parts):
+    if not isinstance(node, fdl.Buildable):
+      raise ConfigError(f'--set {path}: {".".join(parts[:i])} is a plain value, not a config')
+    params = inspect.signature(fdl.get_callable(node)).parameters
+    if part not in params:
+      close = difflib.get_close_matches(part, list(params), n=3, cutoff=0.5)
+      hint = f' Did you mean: {", ".join(close)}?' if close else ''
+      where = '.'.join(parts[:i]) or 'the run config'
+      raise ConfigError(f'--set {path}: {where} has no field {part!r}.{hint}')
+    if i == len(parts) - 1:
+      setattr(node, part, value)
+    else:
+      node = getattr(node, part)

@@ -1,0 +1,101 @@
+"""ViT experiments: image classification."""
+from __future__ import annotations
+
+import fiddle as fdl
+
+from experiments import data
+from experiments.base import ConfigError, Experiment
+from models import vit
+from tasks.classification import Classification
+
+
+class ViT(Experiment, abstract=True):
+  PATCH = 16
+  LR = 1e-3
+  WARMUP = 1000
+  LR_SCHEDULE = 'cosine'
+  WEIGHT_DECAY = 1e-4
+  LABEL_SMOOTHING = 0.0
+
+  def validate(self):
+    super().validate()
+    if self.IMAGE_SIZE % self.PATCH:
+      raise ConfigError(f'IMAGE_SIZE={self.IMAGE_SIZE} is not divisible by PATCH={self.PATCH}')
+
+  def model(self):
+    return fdl.Config(vit.ViT, image_size=self.IMAGE_SIZE, channels=self.CHANNELS,
+                      patch=self.PATCH, hidden=self.HIDDEN, depth=self.DEPTH, heads=self.HEADS,
+                      num_classes=self.NUM_CLASSES, mlp_ratio=self.MLP_RATIO,
+                      attention_impl=self.ATTENTION_IMPL, remat=self.REMAT, dtype=self.DTYPE)
+
+  def task(self):
+    return fdl.Config(Classification, num_classes=self.NUM_CLASSES, image_size=self.IMAGE_SIZE,
+                      channels=self.CHANNELS, label_smoothing=self.LABEL_SMOOTHING)
+
+  def flops_per_example(self):
+    return vit.flops_per_example(self.IMAGE_SIZE, self.CHANNELS, self.PATCH, self.HIDDEN,
+                                 self.DEPTH, self.NUM_CLASSES, self.MLP_RATIO)
+
+
+class ViT_T_FashionMNIST(data.FashionMNISTData, ViT):
+  """ViT-T/4 on Fashion-MNIST: `python launch.py --exp=ViT_T_FashionMNIST
+  --workdir=workdirs/vit_t_fmnist`. About 15 minutes on 2 CPU cores; test accuracy is in
+  docs/RESULTS.md (aim: at least 88%)."""
+  HIDDEN, DEPTH, HEADS = vit.SIZES['T']
+  PATCH = 4
+  GLOBAL_BATCH = 128
+  LR = 1e-3
+  WARMUP = 100
+  WEIGHT_DECAY = 0.05
+  NUM_STEPS = 1500
+  LOG_EVERY = 50
+  EVAL_EVERY = 500
+  CKPT_EVERY = 500
+
+
+class ViT_T_Synthetic(data.SyntheticImageData, ViT):
+  """Tiny ViT on synthetic 16x16x3 images, for tests: seconds on CPU, accuracy rises above
+  chance within 20 steps."""
+  HIDDEN, DEPTH, HEADS = 64, 2, 4
+  IMAGE_SIZE = 16
+  PATCH = 4
+  GLOBAL_BATCH = 16
+  NUM_STEPS = 20
+  WARMUP = 5
+  LOG_EVERY = 5
+  EVAL_EVERY = 10
+  EVAL_BATCHES = 2
+  CKPT_EVERY = 10
+
+
+class ViT_S_ImageNet(data.ImageNetData, ViT):
+  """ViT-S/16 on ImageNet-1k at 224 px (22M params). Needs the TFDS pipeline (ROADMAP 1);
+  big_vision reports about 76.5% top-1 after 90 epochs at batch 1024 with this recipe family."""
+  HIDDEN, DEPTH, HEADS = vit.SIZES['S']
+  GLOBAL_BATCH = 1024
+  NUM_STEPS = 112_590     # 90 epochs
+  WARMUP = 10_000
+  LOG_EVERY = 100
+  EVAL_EVERY = 5_000
+  CKPT_EVERY = 5_000
+
+
+class ViT_B_ImageNet(ViT_S_ImageNet):
+  """ViT-B/16 on ImageNet-1k (86M params); about 79% top-1 expected from 90 epochs without
+  strong augmentation (Beyer et al., 2022 report 79.8% with simple augmentation)."""
+  HIDDEN, DEPTH, HEADS = vit.SIZES['B']
+
+
+class ViT_L_ImageNet(ViT_S_ImageNet):
+  """ViT-L/16 on ImageNet-1k (304M params); overfits without pre-training or heavy
+  augmentation (the ViT paper: ~76.5% from scratch on ImageNet-1k)."""
+  HIDDEN, DEPTH, HEADS = vit.SIZES['L']
+
+
+class ViT_B_Synthetic(data.SyntheticImageData, ViT):
+  """ViT-B/16 at 224 px on synthetic data: the speed benchmark's workload."""
+  HIDDEN, DEPTH, HEADS = vit.SIZES['B']
+  IMAGE_SIZE = 224
+  NUM_CLASSES = 1000
+  GLOBAL_BATCH = 256
+  DTYPE = 'bfloat16'

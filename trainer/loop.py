@@ -1,0 +1,230 @@
+"""The training loop, top to bottom: mesh, state, restore, step, loop.
+
+    run = fdl.build(config)            # model, task, data sources, optimizer, loop settings
+    train(run, workdir)                # resumes from workdir's latest checkpoint by itself
+
+Every process runs this same code on its own devices; each reads only its rows of the global
+batch, only process 0 writes TensorBoard events, and Orbax coordinates the checkpoint writes.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import linen as nn
+from flax import struct
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from layers import sharding
+from trainer import flops
+from trainer.checkpoint import Checkpointer
+from trainer.summaries import Summaries, image_grid, save_png
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array          # int32 scalar: number of steps taken
+  params: Any
+  opt_state: Any
+  ema: Any                 # EMA of params, or None
+  rng: jax.Array           # raw uint32 key data (Orbax stores no typed keys)
+
+
+class TrainError(RuntimeError):
+  """A setup problem the user can fix; the message says how."""
+
+
+def train(run, workdir: str, config_text: str = '') -> dict:
+  """Train `run` (a built RunConfig) in `workdir`; returns the last eval metrics."""
+  s = run.loop
+  model, task, tx, lr_fn = run.model, run.task, run.optimizer.tx, run.optimizer.lr
+  is_main = jax.process_index() == 0
+
+  # ---------------------------------------------------------------- mesh ----------------------
+  mesh = sharding.make_mesh(s.mesh)
+  rules = sharding.DEFAULT_RULES
+  batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
+  if s.global_batch % batch_shards:
+    raise TrainError(f'GLOBAL_BATCH={s.global_batch} is not divisible by the data x fsdp mesh '
+                     f'size {batch_shards}; pick a multiple of {batch_shards}')
+  batch_sharding = NamedSharding(mesh, P(('data', 'fsdp')))
+  replicated = NamedSharding(mesh, P())
+  logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size,
+               jax.process_count())
+
+  # ---------------------------------------------------------------- state ---------------------
+  def init_state(key):
+    params = model.init(key, *task.init_inputs(1))['params']   # boxed: names ride along
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema=params if s.ema_decay else None,
+                      rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+
+  key = jax.random.key(s.seed)
+  abstract = jax.eval_shape(init_state, key)
+  sharding.validate_param_axes(abstract.params, rules)
+  state_shardings = sharding.tree_shardings(abstract, mesh, rules)
+  abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          nn.unbox(abstract), state_shardings)
+
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=s.keep_ckpts)
+  ctx = (jax.set_mesh(mesh), nn.logical_axis_rules(rules))
+  for c in ctx:
+    c.__enter__()
+  try:
+    if ckpt.latest_step() is not None:
+      state, meta = ckpt.restore(abstract)
+      logging.info('Resuming from step %d (checkpoint in %s, data position %d).',
+                   int(state.step), ckpt.directory, meta.get('data_position', -1))
+      if meta.get('experiment') not in (None, s.experiment):
+        logging.warning('workdir checkpoint came from experiment %s, not %s',
+                        meta.get('experiment'), s.experiment)
+    else:
+      state = jax.jit(lambda k: nn.unbox(init_state(k)), out_shardings=state_shardings)(key)
+      logging.info('Initialised %s parameters from seed %d.', f'{count_params(state.params):,}',
+                   s.seed)
+
+    # -------------------------------------------------------------- steps ---------------------
+    def train_step(state, batch):
+      rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+      (loss, aux), grads = jax.value_and_grad(
+          lambda p: task.loss(model, p, batch, rng), has_aux=True)(state.params)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      ema = state.ema
+      if s.ema_decay:
+        ema = jax.tree.map(lambda e, p: s.ema_decay * e + (1 - s.ema_decay) * p, ema, params)
+      metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+                 'param_norm': optax.global_norm(params), 'lr': lr_fn(state.step), **aux}
+      return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                           ema=ema), metrics
+
+    train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                         out_shardings=(state_shardings, replicated), donate_argnums=0)
+    eval_step = jax.jit(lambda p, b: task.eval_step(model, p, b),
+                        in_shardings=(state_shardings.params, batch_sharding),
+                        out_shardings=replicated)
+
+    def to_global(local):
+      return jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(batch_sharding, np.asarray(x)), local)
+
+    writer = Summaries(os.path.join(workdir, 'tensorboard'))
+    start = int(state.step)
+    if config_text and start == 0:
+      writer.text('config', '```\n' + config_text + '\n```', 0)
+
+    def evaluate(state, step):
+      params = state.ema if s.ema_decay else state.params
+      n = run.eval_data.num_eval_batches()
+      n = min(n, s.eval_batches) if s.eval_batches else n
+      sums = None
+      for i in range(n):
+        out = jax.device_get(eval_step(params, to_global(run.eval_data.batch(i))))
+        sums = out if sums is None else jax.tree.map(np.add, sums, out)
+      metrics = task.finalize(sums)
+      writer.scalars({f'eval/{k}': v for k, v in metrics.items()}, step)
+      logging.info('step %d eval (%d batches%s): %s', step, n, ', EMA' if s.ema_decay else '',
+                   ', '.join(f'{k}={v:.4f}' for k, v in metrics.items()))
+      return metrics
+
+    def sample(state, step):
+      if not hasattr(task, 'samples'):
+        return
+      params = state.ema if s.ema_decay else state.params
+      out = task.samples(model, params, jax.random.fold_in(jax.random.key(s.seed), step))
+      os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
+      if 'images' in out:
+        images = np.asarray(multihost_utils.process_allgather(out['images'], tiled=True))
+        grid = image_grid(images, out['ncols'], value_range=(-1, 1))
+        writer.image('samples', grid, step)
+        if is_main:
+          save_png(os.path.join(workdir, 'samples', f'step_{step}.png'), grid)
+      if 'text' in out:
+        writer.text('samples', out['text'], step)
+        if is_main:
+          with open(os.path.join(workdir, 'samples', f'step_{step}.txt'), 'w') as f:
+            f.write(out['text'])
+        logging.info('step %d sample: %r', step, out['text'][:300])
+
+    # -------------------------------------------------------------- loop ----------------------
+    peak = flops.peak_tflops(jax.devices()[0].device_kind)
+    bar = tqdm(total=s.num_steps, initial=start, disable=not is_main, dynamic_ncols=True)
+    pending = None                      # (step, metrics) read one step late
+    timer_step, timer = start, time.perf_counter()
+    eval_metrics = {}
+
+    def log(step, metrics):
+      nonlocal timer_step, timer
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      values = {f'learning/{k}': v for k, v in metrics.items()}
+      now = time.perf_counter()
+      if step > timer_step:
+        step_time = (now - timer) / (step - timer_step)
+        per_s = s.global_batch / step_time
+        values['perf/step_time_s'] = step_time
+        values['perf/examples_per_s'] = per_s
+        if s.tokens_per_example:
+          values['perf/tokens_per_s'] = per_s * s.tokens_per_example
+        tflops = flops.train_tflops_per_device(s.flops_per_example, per_s, jax.device_count())
+        values['perf/tflops_per_device'] = tflops
+        if peak:
+          values['perf/mfu'] = tflops / peak
+        bar.set_postfix(loss=f'{metrics["loss"]:.4f}', step_s=f'{step_time:.3f}')
+      timer_step, timer = step, now
+      writer.scalars(values, step)
+
+    for step in range(start, s.num_steps):
+      batch = to_global(run.train_data.batch(step))
+      state, metrics = train_step(state, batch)
+      done = step + 1
+      if step == start:   # keep compilation out of the timed interval
+        jax.block_until_ready(metrics)
+        timer_step, timer = done, time.perf_counter()
+      if pending is not None:
+        log(*pending)
+        pending = None
+      if done % s.log_every == 0 or done == s.num_steps:
+        pending = (done, metrics)
+      bar.update(1)
+      if done % s.eval_every == 0 or done == s.num_steps:
+        if pending is not None:
+          log(*pending)
+          pending = None
+        eval_metrics = evaluate(state, done)
+      if (s.sample_every and done % s.sample_every == 0) or done == s.num_steps:
+        sample(state, done)
+      extra = False
+      if done % s.ckpt_every == 0 or done == s.num_steps:
+        ckpt.save(done, state, {'step': done, 'data_position': done,
+                                'experiment': s.experiment})
+        extra = True
+      if extra or done % s.eval_every == 0 or (s.sample_every and done % s.sample_every == 0):
+        if pending is not None:
+          log(*pending)
+          pending = None
+        jax.block_until_ready(state)  # eval, samples and saves stay out of the timed interval
+        timer_step, timer = done, time.perf_counter()
+    if pending is not None:
+      log(*pending)
+    bar.close()
+    if start >= s.num_steps:
+      logging.info('Nothing to do: the checkpoint is already at step %d of %d.', start,
+                   s.num_steps)
+    writer.close()
+    return eval_metrics
+  finally:
+    ckpt.close()
+    for c in reversed(ctx):
+      c.__exit__(None, None, None)
+
+
+def count_params(params) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
