@@ -74,6 +74,13 @@ def train(run, workdir: str, config_text: str = '') -> dict:
   abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                           nn.unbox(abstract), state_shardings)
 
+  param_specs = jax.tree_util.tree_leaves_with_path(state_shardings.params)
+  sizes = [int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params)]
+  (path, largest), _ = max(zip(param_specs, sizes), key=lambda t: t[1])
+  logging.info('%d of %d parameter arrays sharded over fsdp; largest %s: %s',
+               sum('fsdp' in str(sh.spec) for _, sh in param_specs), len(param_specs),
+               jax.tree_util.keystr(path), largest.spec)
+
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=s.keep_ckpts)
   ctx = (jax.set_mesh(mesh), nn.logical_axis_rules(rules))
   for c in ctx:

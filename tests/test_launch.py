@@ -1,0 +1,157 @@
+"""launch.py end to end, in subprocesses: training, events, checkpoints, resume, FSDP, errors."""
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from trainer.summaries import read_scalars
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch(*args, devices=1, cwd=ROOT, extra_path=None):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(
+      p for p in (ROOT, extra_path, os.environ.get('PYTHONPATH')) if p),
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'launch.py'), *args], env=env,
+                        cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def ok(result):
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result
+
+
+def final_params(workdir, step):
+  import orbax.checkpoint as ocp
+  tree = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', str(step),
+                                                         'state'))
+  import jax
+  return {jax.tree_util.keystr(p): np.asarray(v)
+          for p, v in jax.tree_util.tree_leaves_with_path(tree['params'])}
+
+
+@pytest.mark.parametrize('exp', ['DiT_T_Synthetic', 'ViT_T_Synthetic', 'GPT_T_Synthetic'])
+def test_family_trains_end_to_end(exp, tmp_path):
+  wd = str(tmp_path / 'wd')
+  out = ok(launch(f'--exp={exp}', f'--workdir={wd}', '--set', 'NUM_STEPS=10',
+                  '--set', 'LOG_EVERY=5', '--set', 'CKPT_EVERY=10'))
+  assert 'final eval: loss=' in out.stdout
+  scalars = read_scalars(os.path.join(wd, 'tensorboard'))
+  assert [s for s, _ in scalars['learning/loss']] == [5, 10]
+  assert [s for s, _ in scalars['perf/tflops_per_device']] == [5, 10]
+  assert all(v > 0 for _, v in scalars['perf/tflops_per_device'])
+  assert np.isfinite([v for _, v in scalars['learning/loss']]).all()
+  assert 'eval/loss' in scalars
+  if exp.startswith('GPT'):
+    assert 'perf/tokens_per_s' in scalars
+  assert os.path.isdir(os.path.join(wd, 'checkpoints', '10', 'state'))
+  for name in ('config.txt', 'config.json'):
+    assert os.path.getsize(os.path.join(wd, name)) > 100
+  samples = {'DiT': ['step_10.png'], 'GPT': ['step_10.txt'], 'ViT': None}[exp[:3]]
+  if samples:
+    assert os.listdir(os.path.join(wd, 'samples')) == samples
+
+
+def test_resume_gives_identical_run(tmp_path):
+  common = ['--exp=DiT_T_Synthetic', '--set', 'LOG_EVERY=1', '--set', 'CKPT_EVERY=100']
+  straight, split = str(tmp_path / 'straight'), str(tmp_path / 'split')
+  ok(launch(*common, f'--workdir={straight}', '--set', 'NUM_STEPS=8'))
+  ok(launch(*common, f'--workdir={split}', '--set', 'NUM_STEPS=4'))
+  second = ok(launch(*common, f'--workdir={split}', '--set', 'NUM_STEPS=8'))
+  assert 'Resuming from step 4' in second.stderr
+  a, b = final_params(straight, 8), final_params(split, 8)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], atol=1e-6, rtol=0, err_msg=k)
+  la = read_scalars(os.path.join(straight, 'tensorboard'))['learning/loss']
+  lb = read_scalars(os.path.join(split, 'tensorboard'))['learning/loss']
+  assert [s for s, _ in lb] == list(range(1, 9))
+  np.testing.assert_allclose([v for _, v in la], [v for _, v in lb], rtol=0, atol=1e-6)
+
+
+def test_fsdp_on_8_devices_matches_1_device(tmp_path):
+  common = ['--exp=GPT_T_Synthetic', '--set', 'NUM_STEPS=3', '--set', 'LOG_EVERY=1',
+            '--set', 'GLOBAL_BATCH=16']
+  one = ok(launch(*common, f'--workdir={tmp_path / "one"}', devices=1))
+  eight = ok(launch(*common, f'--workdir={tmp_path / "eight"}', devices=8))
+  assert "'fsdp': 8" in eight.stderr and 'over 8 devices' in eight.stderr
+  # every kernel whose model dim divides by 8 lands on fsdp; the largest is the token table
+  line = [l for l in eight.stderr.splitlines() if 'sharded over fsdp' in l][0]
+  assert "largest ['token_embed']['embedding']:" in line and "(None, 'fsdp')" in line
+  assert int(line.split('] ')[1].split(' of ')[0]) >= 12   # every kernel, not only the table
+  l1 = [v for _, v in read_scalars(str(tmp_path / 'one' / 'tensorboard'))['learning/loss']]
+  l8 = [v for _, v in read_scalars(str(tmp_path / 'eight' / 'tensorboard'))['learning/loss']]
+  assert len(l1) == 3
+  np.testing.assert_allclose(l8, l1, atol=1e-5, rtol=0)
+
+
+def test_dry_run_prints_params_and_shardings():
+  out = ok(launch('--exp=DiT_XL_ImageNet256', '--dry_run', devices=8))
+  lines = out.stdout.splitlines()
+  params = int([l for l in lines if l.startswith('params: ')][0].split()[1])
+  assert abs(params / 675e6 - 1) < 0.01
+  assert any("['mlp']['wi']['kernel']" in l and l.endswith("('fsdp', None)") for l in lines)
+
+
+def test_list_and_print_config():
+  listing = ok(launch('--exp=list')).stdout
+  assert 'DiT_XL_ImageNet256' in listing and 'GPT_T_Bible' in listing
+  assert 'DiT ' not in listing.split()
+  printed = ok(launch('--exp=GPT_T_Bible', '--print_config', '--set', 'DEPTH=3')).stdout
+  assert 'model.depth: int = 3' in printed
+
+
+def _tree_digest(path):
+  h = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    for f in sorted(files):
+      p = os.path.join(root, f)
+      h.update(p.encode())
+      with open(p, 'rb') as fh:
+        h.update(fh.read())
+  return h.hexdigest()
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp('existing'))
+  ok(launch('--exp=ViT_T_Synthetic', f'--workdir={wd}', '--set', 'NUM_STEPS=2',
+            '--set', 'LOG_EVERY=1'))
+  return wd
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--exp=ViT_T_Synthetc'], 'Did you mean: ViT_T_Synthetic'),
+    (['--exp=ViT_T_Synthetic', '--set', 'NUM_STEP=3'], "no knob 'NUM_STEP'"),
+    (['--exp=ViT_T_Synthetic', '--set', 'HIDDEN=30'], 'HIDDEN=30 is not divisible by HEADS=4'),
+    (['--exp=ViT_T_Synthetic', '--set', 'IMAGE_SIZE=15'], 'IMAGE_SIZE=15 is not divisible by'),
+    (['--exp=ViT_T_FashionMNIST', '--set', "FASHION_MNIST_DIR='/nonexistent/fmnist'"],
+     'apt-get install dataset-fashion-mnist'),
+    (['--exp=ViT_S_ImageNet'], 'ROADMAP item 1'),
+])
+def test_bad_input_fails_in_one_line_and_keeps_checkpoints(trained_workdir, args, message):
+  before = _tree_digest(os.path.join(trained_workdir, 'checkpoints'))
+  result = launch(*args, f'--workdir={trained_workdir}')
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr
+  errors = [l for l in result.stderr.splitlines() if l.startswith('launch.py: error:')]
+  assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+  assert _tree_digest(os.path.join(trained_workdir, 'checkpoints')) == before
+
+
+def test_user_module_experiment_trains(tmp_path):
+  (tmp_path / 'my_exps.py').write_text(
+      'from experiments.gpt import GPT_T_Synthetic\n\n\n'
+      'class TinierGPT(GPT_T_Synthetic):\n'
+      '  """A user experiment: one block."""\n'
+      '  DEPTH = 1\n'
+      '  NUM_STEPS = 4\n')
+  out = ok(launch('--exp=my_exps.TinierGPT', f'--workdir={tmp_path / "wd"}',
+                  extra_path=str(tmp_path)))
+  assert 'final eval: loss=' in out.stdout
+  assert 'model.depth: int = 1' in open(tmp_path / 'wd' / 'config.txt').read()

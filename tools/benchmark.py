@@ -1,0 +1,392 @@
+"""Time the train step of an experiment on synthetic batches: step time, throughput, MFU, memory.
+
+    python tools/benchmark.py --exp=DiT_XL_Synthetic [--set KNOB=VALUE ...] [--steps 10]
+        [--warmup 2] [--out result.json] [--table]
+    python tools/benchmark.py --summarize a.json b.json ...     # one Markdown table of results
+
+Only the model, the task, the optimizer and the loop settings of the experiment are built: no
+data source is, so an experiment whose data is not on this machine benchmarks too. The batch is
+random (normal images with random labels, or random tokens) with the shapes the task trains on,
+made once on the devices, so the host-to-device copy of the real loop is not timed. Mesh,
+sharded init and the train step are those of trainer/loop.py: eval_shape of the init ->
+logical shardings (layers/sharding.py) -> jit of the init with out_shardings; the step is jitted
+with the state donated, compiled ahead of time (compile_time_s), run `--warmup` times, then
+`--steps` times with a block after each step (median and mean step time), then `--steps` times
+more with one block at the end (step_time_pipelined_s: dispatch overlapping compute, as in the
+loop). docs/BENCHMARK.md says what each output field means.
+
+Machines are shared and noisy: compare variants from the same run, not across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+# Knobs copied into the result so a table row says what ran (those an experiment lacks are left
+# out).
+REPORTED_KNOBS = ('DTYPE', 'ATTENTION_IMPL', 'REMAT', 'HIDDEN', 'DEPTH', 'HEADS', 'PATCH',
+                  'IMAGE_SIZE', 'SEQ_LEN', 'MESH')
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+      description=__doc__.split('\n\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--exp', help='experiment class name (or module.path.ClassName)')
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='KNOB=VALUE or dotted.config.path=VALUE, as launch.py; repeatable')
+  p.add_argument('--steps', type=int, default=10, help='timed steps (default 10)')
+  p.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling (default 2)')
+  p.add_argument('--out', help='also write the JSON result to this file')
+  p.add_argument('--table', action='store_true',
+                 help='print a Markdown table (header and one row) instead of the JSON')
+  p.add_argument('--no_header', action='store_true', help='with --table: the row alone')
+  p.add_argument('--summarize', nargs='+', metavar='JSON',
+                 help='print one Markdown table of earlier results (files of one result or a '
+                      'list of them) and exit; nothing is run')
+  p.add_argument('--cpu_devices', type=int, default=0,
+                 help='on the CPU backend, split the host into this many devices (tests FSDP)')
+  p.add_argument('--seed', type=int, default=0, help='seed of the synthetic batch')
+  args = p.parse_args(argv)
+  if not args.summarize and not args.exp:
+    p.error('--exp is required (or --summarize)')
+  if args.steps < 1 or args.warmup < 0:
+    p.error('--steps must be >= 1 and --warmup >= 0')
+  return args
+
+
+# ------------------------------------------------------------------ synthetic batch ------------
+def batch_spec(task, model, global_batch: int) -> dict:
+  """{key: (shape, dtype, kind, upper bound)} of a training batch of `task`.
+
+  Language tasks ('tokens' [b, seq_len + 1] int32 < vocab) are told apart from image tasks
+  ('image' [b, H, W, C] float32, 'label' [b] int32 < num_classes) by their init inputs.
+  """
+  import jax.numpy as jnp
+  first = task.init_inputs(global_batch)[0]
+  if jnp.issubdtype(first.dtype, jnp.integer) and first.ndim == 2:
+    vocab = getattr(model, 'vocab_size', None)
+    if not vocab:
+      raise ValueError(f'{type(model).__name__} has no vocab_size for random tokens')
+    b, l = first.shape
+    return {'tokens': ((b, l + 1), jnp.int32, 'int', int(vocab))}
+  if first.ndim == 4 and hasattr(task, 'num_classes'):
+    return {'image': (tuple(first.shape), jnp.float32, 'normal', None),
+            'label': ((first.shape[0],), jnp.int32, 'int', int(task.num_classes))}
+  raise ValueError(f'no synthetic batch for task {type(task).__name__} (init inputs '
+                   f'{first.shape} {first.dtype}); benchmark.batch_spec knows image and token '
+                   'tasks')
+
+
+def make_batch(spec: dict, key, sharding):
+  """The batch, drawn on the devices straight into the batch sharding."""
+  import jax
+
+  def draw(key):
+    out = {}
+    for i, (name, (shape, dtype, kind, high)) in enumerate(sorted(spec.items())):
+      k = jax.random.fold_in(key, i)
+      if kind == 'normal':
+        out[name] = jax.random.normal(k, shape, dtype)
+      else:
+        out[name] = jax.random.randint(k, shape, 0, high, dtype)
+    return out
+
+  return jax.jit(draw, out_shardings=sharding)(key)
+
+
+# ------------------------------------------------------------------ helpers --------------------
+def _first_dict(x):
+  """cost_analysis / memory stats come as a dict or a one-element list, depending on jax."""
+  if isinstance(x, (list, tuple)):
+    x = x[0] if x else None
+  return x if isinstance(x, dict) else None
+
+
+def xla_flops(compiled) -> float | None:
+  try:
+    cost = _first_dict(compiled.cost_analysis())
+  except Exception:  # not every backend implements it
+    return None
+  flops = cost.get('flops') if cost else None
+  return float(flops) if flops and flops > 0 else None
+
+
+def compiled_memory(compiled) -> dict | None:
+  """XLA's per-device memory plan of the step (bytes), where the backend reports one."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:
+    return None
+  if m is None:
+    return None
+  fields = ('argument_size_in_bytes', 'output_size_in_bytes', 'alias_size_in_bytes',
+            'temp_size_in_bytes', 'generated_code_size_in_bytes')
+  out = {f.replace('_size_in_bytes', '_bytes'): int(getattr(m, f)) for f in fields
+         if hasattr(m, f)}
+  return out or None
+
+
+def peak_memory_bytes(devices) -> int | None:
+  """Largest `peak_bytes_in_use` over the local devices; None where not reported (CPU)."""
+  peaks = []
+  for d in devices:
+    try:
+      stats = d.memory_stats()
+    except Exception:
+      stats = None
+    if stats and 'peak_bytes_in_use' in stats:
+      peaks.append(int(stats['peak_bytes_in_use']))
+  return max(peaks) if peaks else None
+
+
+def versions() -> dict:
+  import importlib.metadata as md
+  out = {'python': platform.python_version()}
+  for name in ('jax', 'jaxlib', 'flax', 'optax', 'fiddle'):
+    try:
+      out[name] = md.version(name)
+    except md.PackageNotFoundError:
+      out[name] = None
+  return out
+
+
+# ------------------------------------------------------------------ the benchmark --------------
+def run_benchmark(exp_name: str, overrides=(), steps: int = 10, warmup: int = 2,
+                  seed: int = 0, log=print) -> dict:
+  import fiddle as fdl
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from flax import linen as nn
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from experiments import base
+  from layers import sharding
+  from trainer import flops
+  from trainer.loop import TrainState, count_params
+
+  exp, cfg = base.build_config(exp_name, list(overrides))
+  model, task = fdl.build(cfg.model), fdl.build(cfg.task)
+  opt, s = fdl.build(cfg.optimizer), fdl.build(cfg.loop)
+  tx, lr_fn = opt.tx, opt.lr
+  devices = jax.devices()
+
+  # ---------------------------------------------------------------- mesh (as trainer/loop.py)
+  mesh = sharding.make_mesh(s.mesh)
+  rules = sharding.DEFAULT_RULES
+  batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
+  if s.global_batch % batch_shards:
+    raise ValueError(f'GLOBAL_BATCH={s.global_batch} is not divisible by the data x fsdp mesh '
+                     f'size {batch_shards}')
+  batch_sharding = NamedSharding(mesh, P(('data', 'fsdp')))
+  replicated = NamedSharding(mesh, P())
+
+  # ---------------------------------------------------------------- state (as trainer/loop.py)
+  def init_state(key):
+    params = model.init(key, *task.init_inputs(1))['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema=params if s.ema_decay else None,
+                      rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+
+  def train_step(state, batch):  # trainer/loop.py's step, unchanged
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    (loss, aux), grads = jax.value_and_grad(
+        lambda p: task.loss(model, p, batch, rng), has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema
+    if s.ema_decay:
+      ema = jax.tree.map(lambda e, p: s.ema_decay * e + (1 - s.ema_decay) * p, ema, params)
+    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+               'param_norm': optax.global_norm(params), 'lr': lr_fn(state.step), **aux}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema=ema), metrics
+
+  key = jax.random.key(s.seed)
+  abstract = jax.eval_shape(init_state, key)
+  sharding.validate_param_axes(abstract.params, rules)
+  state_shardings = sharding.tree_shardings(abstract, mesh, rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    t0 = time.perf_counter()
+    state = jax.jit(lambda k: nn.unbox(init_state(k)), out_shardings=state_shardings)(key)
+    jax.block_until_ready(state)
+    init_time = time.perf_counter() - t0
+    n_params = count_params(state.params)
+    spec = batch_spec(task, model, s.global_batch)
+    batch = make_batch(spec, jax.random.key(seed + 12345), batch_sharding)
+    log(f'{exp_name}: {n_params:,} params, batch {s.global_batch}, mesh {dict(mesh.shape)} '
+        f'on {len(devices)} x {devices[0].device_kind}; compiling')
+
+    step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                      out_shardings=(state_shardings, replicated), donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_time = time.perf_counter() - t0
+    log(f'compiled in {compile_time:.1f} s; {warmup} warm-up + 2 x {steps} timed steps')
+
+    for _ in range(warmup):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics) if warmup else state)
+
+    times = []
+    for _ in range(steps):          # each step on its own: median and spread
+      t0 = time.perf_counter()
+      state, metrics = compiled(state, batch)
+      jax.block_until_ready((state, metrics))
+      times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(steps):          # back to back, one block: what the training loop sees
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    pipelined = (time.perf_counter() - t0) / steps
+    metrics = jax.device_get(metrics)
+
+  # ---------------------------------------------------------------- numbers
+  step_time = statistics.median(times)
+  examples_per_s = s.global_batch / step_time
+  n_dev = len(devices)
+  tflops = flops.train_tflops_per_device(s.flops_per_example, examples_per_s, n_dev)
+  peak = flops.peak_tflops(devices[0].device_kind)
+  xla = xla_flops(compiled)
+  loss = float(metrics['loss'])
+  knobs = {k: getattr(exp, k) for k in REPORTED_KNOBS if hasattr(exp, k)}
+  return {
+      'experiment': exp_name,
+      'overrides': list(overrides),
+      'knobs': knobs,
+      'devices': {'count': n_dev, 'kind': devices[0].device_kind,
+                  'processes': jax.process_count()},
+      'platform': jax.default_backend(),
+      'jax_version': jax.__version__,
+      'versions': versions(),
+      'mesh': {k: int(v) for k, v in mesh.shape.items()},
+      'global_batch': s.global_batch,
+      'steps': steps,
+      'warmup': warmup,
+      'step_time_s': step_time,
+      'step_time_mean_s': statistics.fmean(times),
+      'step_time_min_s': min(times),
+      'step_time_max_s': max(times),
+      'step_time_pipelined_s': pipelined,
+      'step_times_s': times,
+      'examples_per_s': examples_per_s,
+      'tokens_per_s': examples_per_s * s.tokens_per_example if s.tokens_per_example else None,
+      'flops_per_example': s.flops_per_example,
+      'tflops_per_device': tflops,
+      'peak_tflops_per_device': peak,
+      'mfu': tflops / peak if peak else None,
+      'xla_tflop_per_step_per_device': xla / 1e12 if xla else None,
+      'peak_memory_bytes': peak_memory_bytes(jax.local_devices()),
+      'compiled_memory': compiled_memory(compiled),
+      'param_count': n_params,
+      'init_time_s': init_time,
+      'compile_time_s': compile_time,
+      'loss': loss,
+      'loss_finite': bool(np.isfinite(loss)),
+      'timestamp': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+  }
+
+
+# ------------------------------------------------------------------ tables ---------------------
+COLUMNS = ('experiment', 'settings', 'devices', 'batch', 'step ms', 'pipelined ms', 'examples/s',
+           'tokens/s', 'TFLOP/s/dev', 'MFU', 'peak GiB', 'params', 'compile s')
+
+
+def _fmt(x, spec):
+  """`spec` as format(); 'auto' gives 3 significant digits below 10 and one decimal above."""
+  if x is None or (isinstance(x, float) and math.isnan(x)):
+    return '-'
+  if spec == 'auto':
+    spec = '.3g' if abs(x) < 10 else '.1f'
+  return format(x, spec)
+
+
+def table_row(r: dict) -> str:
+  settings = ' '.join(r.get('overrides') or []) or 'defaults'
+  if 'error' in r:
+    cells = [r.get('experiment', '?'), settings, 'FAILED: ' + r['error'].splitlines()[0][:120]]
+    cells += [''] * (len(COLUMNS) - len(cells))
+  else:
+    dev = r['devices']
+    peak = r.get('peak_memory_bytes')
+    cells = [r['experiment'], settings, f"{dev['count']}x {dev['kind']}", str(r['global_batch']),
+             _fmt(1e3 * r['step_time_s'], '.1f'), _fmt(1e3 * r['step_time_pipelined_s'], '.1f'),
+             _fmt(r['examples_per_s'], ',.1f'), _fmt(r.get('tokens_per_s'), ',.0f'),
+             _fmt(r['tflops_per_device'], 'auto'),
+             '-' if r.get('mfu') is None else f"{100 * r['mfu']:.1f}%",
+             '-' if peak is None else f'{peak / 2**30:.1f}',
+             f"{r['param_count'] / 1e6:.1f}M", _fmt(r['compile_time_s'], '.1f')]
+  return '| ' + ' | '.join(c.replace('|', '/') for c in cells) + ' |'
+
+
+def table_header() -> str:
+  return ('| ' + ' | '.join(COLUMNS) + ' |\n|' + '|'.join(
+      ' --- ' if i < 2 else ' ---: ' for i in range(len(COLUMNS))) + '|')
+
+
+def load_results(paths) -> list[dict]:
+  out = []
+  for path in paths:
+    with open(path) as f:
+      data = json.load(f)
+    out.extend(data if isinstance(data, list) else [data])
+  return out
+
+
+def markdown_table(results) -> str:
+  return '\n'.join([table_header(), *(table_row(r) for r in results)])
+
+
+# ------------------------------------------------------------------ main -----------------------
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.summarize:
+    print(markdown_table(load_results(args.summarize)))
+    return 0
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  if os.environ.get('BENCHMARK_ALLOW_TORCH') != '1':
+    # trainer.loop imports tensorboardX, which imports torch wherever it is installed (the GPU
+    # image has it): seconds per run and a second CUDA runtime in a process that measures JAX.
+    # Nothing here uses torch; a None entry makes `import torch` raise ImportError, which
+    # tensorboardX handles.
+    sys.modules.setdefault('torch', None)
+  import jax
+  if args.cpu_devices:
+    jax.config.update('jax_num_cpu_devices', args.cpu_devices)  # before any backend starts
+  log = lambda msg: print(f'[benchmark] {msg}', file=sys.stderr, flush=True)
+  try:
+    result = run_benchmark(args.exp, args.set, args.steps, args.warmup, args.seed, log)
+    status = 0
+  except Exception as e:  # a failed variant is a result too (OOM, bad knob): say which and why
+    traceback.print_exc()
+    result = {'experiment': args.exp, 'overrides': list(args.set),
+              'error': f'{type(e).__name__}: {e}'}
+    status = 1
+  text = json.dumps(result, indent=2)
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+      f.write(text + '\n')
+  if args.table:
+    print(table_row(result) if args.no_header else markdown_table([result]))
+  else:
+    print(text)
+  return status
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# One call benchmarks the zoo on a GPU machine: environment, then tools/benchmark.py for each
+# workload below (bf16), each in its own process under its own timeout, then one table.
+#
+#   bash tools/gpu_bench.sh                  # on the lent H200 (carry .whl: see
+#                                            #   tools/prepare_gpu_wheels.sh); about 5-7 minutes
+#   BENCH_QUICK=1 bash tools/gpu_bench.sh    # the tiny *_T_Synthetic list: checks this script
+#                                            #   end to end on a CPU
+#
+# Writes to $OUT (./bench_out when unset): results.json (every result, failures included, as a
+# list), table.md (the Markdown table, also printed last), bench.log (everything, environment
+# first). Three files: the device tool brings back at most 8.
+#
+# Environment knobs:
+#   BENCH_WORKLOADS  ';'-separated "EXP [KNOB=VALUE ...]" entries replacing the default list
+#   BENCH_SET        knobs set on every workload (default DTYPE=bfloat16)
+#   BENCH_STEPS, BENCH_WARMUP     timed and warm-up steps (default 10 and 2; quick: 3 and 1)
+#   BENCH_BUDGET_S   seconds for the whole script (default 420); workloads that no longer fit
+#                    are recorded as skipped
+#   BENCH_RUN_TIMEOUT_S  limit of one workload (default 150)
+#   PYTHON           interpreter (default python3, or .venv/bin/python where python3 has no jax)
+# A failed, timed-out or skipped workload is a row of the table; the script always exits 0.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+START=$SECONDS
+
+OUT=${OUT:-./bench_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+LOG=$OUT/bench.log
+RUNS=$(mktemp -d "${TMPDIR:-/tmp}/bench_runs.XXXXXX")
+: > "$LOG"
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+
+say() { echo "$*" | tee -a "$LOG"; }
+
+# ------------------------------------------------------------------ interpreter and wheels ------
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import jax' 2>/dev/null && [ -x .venv/bin/python ]; then
+  PYTHON=.venv/bin/python
+fi
+if ! "$PYTHON" -c 'import fiddle, tensorboardX' 2>/dev/null; then
+  if compgen -G '.whl/*.whl' >/dev/null; then
+    say "== installing carried wheels: $(cd .whl && ls *.whl | tr '\n' ' ')"
+    if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl >>"$LOG" 2>&1; then
+      export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    else
+      say "!! wheel install failed (see bench.log); continuing"
+    fi
+  else
+    say "!! fiddle or tensorboardX missing and no .whl/*.whl carried: run tools/prepare_gpu_wheels.sh here and carry .whl"
+  fi
+fi
+
+# ------------------------------------------------------------------ environment -----------------
+{
+  echo "== $(date -u +%FT%TZ) on $(hostname), python: $PYTHON"
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi
+    nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
+  else
+    echo "(no nvidia-smi)"
+  fi
+  "$PYTHON" - <<'EOF'
+import importlib.metadata as md, platform
+import jax
+print('python', platform.python_version())
+jax.print_environment_info()
+print('devices:', jax.devices())
+for name in ('jax', 'jaxlib', 'jax-cuda13-plugin', 'jax-cuda12-plugin', 'flax', 'optax',
+             'orbax-checkpoint', 'fiddle', 'libcst', 'tensorboardX', 'numpy'):
+  try:
+    print(f'  {name}=={md.version(name)}')
+  except md.PackageNotFoundError:
+    pass
+EOF
+} 2>&1 | tee -a "$LOG"
+
+# ------------------------------------------------------------------ workloads -------------------
+if [ -n "${BENCH_WORKLOADS:-}" ]; then
+  IFS=';' read -r -a WORKLOADS <<<"$BENCH_WORKLOADS"
+  STEPS=${BENCH_STEPS:-10}; WARMUP=${BENCH_WARMUP:-2}
+elif [ "${BENCH_QUICK:-0}" = 1 ]; then
+  WORKLOADS=(
+    "DiT_T_Synthetic ATTENTION_IMPL=einsum"
+    "DiT_T_Synthetic ATTENTION_IMPL=xla"
+    "ViT_T_Synthetic"
+    "GPT_T_Synthetic"
+    "GPT_T_Synthetic REMAT=True"
+    "NoSuchExperiment"              # a failure must become a row, not stop the script
+  )
+  STEPS=${BENCH_STEPS:-3}; WARMUP=${BENCH_WARMUP:-1}
+else
+  # Most wanted first: what does not fit the budget is skipped from the end.
+  WORKLOADS=(
+    "DiT_XL_Synthetic GLOBAL_BATCH=256 ATTENTION_IMPL=einsum"
+    "DiT_XL_Synthetic GLOBAL_BATCH=256 ATTENTION_IMPL=cudnn"
+    "DiT_XL_Synthetic GLOBAL_BATCH=256 ATTENTION_IMPL=xla"
+    "ViT_B_Synthetic"
+    "GPT_S_Synthetic"
+    "GPT_S_Synthetic REMAT=True"
+    "DiT_XL_Synthetic GLOBAL_BATCH=64 ATTENTION_IMPL=einsum"
+    "GPT_S_Synthetic ATTENTION_IMPL=cudnn"
+  )
+  STEPS=${BENCH_STEPS:-10}; WARMUP=${BENCH_WARMUP:-2}
+fi
+read -r -a COMMON <<<"${BENCH_SET-DTYPE=bfloat16}"
+BUDGET=${BENCH_BUDGET_S:-420}
+PER_RUN=${BENCH_RUN_TIMEOUT_S:-150}
+
+# A result for a workload that left none (killed, crashed, skipped): experiment, overrides, error.
+stub() {  # stub FILE ERROR EXP [KNOB=VALUE ...]
+  local file=$1; shift
+  "$PYTHON" -c 'import json, sys
+print(json.dumps({"experiment": sys.argv[2], "overrides": sys.argv[3:], "error": sys.argv[1]}))' \
+    "$@" >"$file"
+}
+
+say "== ${#WORKLOADS[@]} workloads, $WARMUP warm-up + $STEPS timed steps each, common: ${COMMON[*]:-none}, budget ${BUDGET}s"
+i=0
+for entry in "${WORKLOADS[@]}"; do
+  i=$((i + 1))
+  read -r -a words <<<"$entry"
+  [ ${#words[@]} -eq 0 ] && continue
+  exp=${words[0]}
+  sets=("${COMMON[@]}" "${words[@]:1}")
+  args=()
+  for kv in "${sets[@]}"; do args+=(--set "$kv"); done
+  result=$(printf '%s/%02d.json' "$RUNS" "$i")
+  left=$((BUDGET - (SECONDS - START)))
+  limit=$(( left < PER_RUN ? left : PER_RUN ))
+  if [ "$limit" -lt $(( PER_RUN < 30 ? PER_RUN : 30 )) ]; then
+    say "-- [$i] $exp ${sets[*]}: skipped (${left}s of the budget left)"
+    stub "$result" "skipped: time budget (BENCH_BUDGET_S=$BUDGET) spent" "$exp" "${sets[@]}"
+    continue
+  fi
+  say "-- [$i] $exp ${sets[*]} (limit ${limit}s)"
+  t0=$SECONDS
+  timeout -k 10 "$limit" "$PYTHON" tools/benchmark.py --exp="$exp" "${args[@]}" \
+      --steps "$STEPS" --warmup "$WARMUP" --out "$result" >>"$LOG" 2>&1
+  rc=$?
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    stub "$result" "timed out after ${limit}s" "$exp" "${sets[@]}"
+  elif [ ! -s "$result" ]; then
+    stub "$result" "exited with status $rc and no result (see bench.log)" "$exp" "${sets[@]}"
+  fi
+  say "   $("$PYTHON" tools/benchmark.py --summarize "$result" | tail -n 1) ($((SECONDS - t0))s, rc $rc)"
+done
+
+# ------------------------------------------------------------------ results ---------------------
+"$PYTHON" - "$RUNS" "$OUT/results.json" <<'EOF'
+import glob, json, os, sys
+runs, out = sys.argv[1], sys.argv[2]
+results = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(runs, '*.json')))]
+json.dump(results, open(out, 'w'), indent=2)
+EOF
+"$PYTHON" tools/benchmark.py --summarize "$OUT/results.json" >"$OUT/table.md"
+rm -rf "$RUNS"
+{
+  echo
+  echo "== done in $((SECONDS - START))s; $OUT/{results.json,table.md,bench.log}"
+  echo "Compare rows of this run only: the machine is shared and step times drift between runs."
+  cat "$OUT/table.md"
+} | tee -a "$LOG"
+exit 0
