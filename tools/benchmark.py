@@ -177,7 +177,7 @@ def run_benchmark(exp_name: str, overrides=(), steps: int = 10, warmup: int = 2,
   from experiments import base
   from layers import sharding
   from trainer import flops
-  from trainer.loop import TrainState, count_params
+  from trainer import state as state_lib
 
   exp, cfg = base.build_config(exp_name, list(overrides))
   model, task = fdl.build(cfg.model), fdl.build(cfg.task)
@@ -195,37 +195,17 @@ def run_benchmark(exp_name: str, overrides=(), steps: int = 10, warmup: int = 2,
   batch_sharding = NamedSharding(mesh, P(('data', 'fsdp')))
   replicated = NamedSharding(mesh, P())
 
-  # ---------------------------------------------------------------- state (as trainer/loop.py)
-  def init_state(key):
-    params = model.init(key, *task.init_inputs(1))['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema=params if s.ema_decay else None,
-                      rng=jax.random.key_data(jax.random.fold_in(key, 1)))
-
-  def train_step(state, batch):  # trainer/loop.py's step, unchanged
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    (loss, aux), grads = jax.value_and_grad(
-        lambda p: task.loss(model, p, batch, rng), has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state.ema
-    if s.ema_decay:
-      ema = jax.tree.map(lambda e, p: s.ema_decay * e + (1 - s.ema_decay) * p, ema, params)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
-               'param_norm': optax.global_norm(params), 'lr': lr_fn(state.step), **aux}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         ema=ema), metrics
-
+  # ---------------------------------------------------------------- state (trainer/state.py)
+  init_state = state_lib.make_init_state(model, task, tx, s.ema_decay)
+  train_step = state_lib.make_train_step(model, task, tx, lr_fn, s.ema_decay)
   key = jax.random.key(s.seed)
-  abstract = jax.eval_shape(init_state, key)
-  sharding.validate_param_axes(abstract.params, rules)
-  state_shardings = sharding.tree_shardings(abstract, mesh, rules)
+  state_shardings, _ = state_lib.shard_state(init_state, key, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     t0 = time.perf_counter()
     state = jax.jit(lambda k: nn.unbox(init_state(k)), out_shardings=state_shardings)(key)
     jax.block_until_ready(state)
     init_time = time.perf_counter() - t0
-    n_params = count_params(state.params)
+    n_params = state_lib.count_params(state.params)
     spec = batch_spec(task, model, s.global_batch)
     batch = make_batch(spec, jax.random.key(seed + 12345), batch_sharding)
     log(f'{exp_name}: {n_params:,} params, batch {s.global_batch}, mesh {dict(mesh.shape)} '

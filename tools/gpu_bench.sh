@@ -15,7 +15,7 @@
 #   BENCH_WORKLOADS  ';'-separated "EXP [KNOB=VALUE ...]" entries replacing the default list
 #   BENCH_SET        knobs set on every workload (default DTYPE=bfloat16)
 #   BENCH_STEPS, BENCH_WARMUP     timed and warm-up steps (default 10 and 2; quick: 3 and 1)
-#   BENCH_BUDGET_S   seconds for the whole script (default 420); workloads that no longer fit
+#   BENCH_BUDGET_S   seconds for the whole script (default 480); workloads that no longer fit
 #                    are recorded as skipped
 #   BENCH_RUN_TIMEOUT_S  limit of one workload (default 150)
 #   PYTHON           interpreter (default python3, or .venv/bin/python where python3 has no jax)
@@ -77,6 +77,20 @@ for name in ('jax', 'jaxlib', 'jax-cuda13-plugin', 'jax-cuda12-plugin', 'flax', 
 EOF
 } 2>&1 | tee -a "$LOG"
 
+# ------------------------------------------------------------------ correctness on the device --
+if [ "${BENCH_CHECKS:-1}" = 1 ]; then
+  say "== tools/gpu_checks.py (fused attention vs einsum, KV-cache decoding)"
+  timeout -k 5 120 "$PYTHON" tools/gpu_checks.py 2>&1 | grep -v '^I[0-9]' | tee -a "$LOG"
+  say "== launch.py end to end: DiT_T_Synthetic 20 steps, then resumed to 30"
+  E2E=$(mktemp -d "${TMPDIR:-/tmp}/e2e.XXXXXX")
+  for n in 20 30; do
+    timeout -k 5 150 "$PYTHON" launch.py --exp=DiT_T_Synthetic --workdir="$E2E" \
+        --set NUM_STEPS=$n --set LOG_EVERY=10 >>"$LOG" 2>&1
+    say "   launch.py NUM_STEPS=$n: rc $? $(grep -ho 'Resuming from step [0-9]*' "$LOG" | tail -n 1)"
+  done
+  say "   checkpoints: $(ls "$E2E/checkpoints" | tr '\n' ' ')"
+fi
+
 # ------------------------------------------------------------------ workloads -------------------
 if [ -n "${BENCH_WORKLOADS:-}" ]; then
   IFS=';' read -r -a WORKLOADS <<<"$BENCH_WORKLOADS"
@@ -106,7 +120,7 @@ else
   STEPS=${BENCH_STEPS:-10}; WARMUP=${BENCH_WARMUP:-2}
 fi
 read -r -a COMMON <<<"${BENCH_SET-DTYPE=bfloat16}"
-BUDGET=${BENCH_BUDGET_S:-420}
+BUDGET=${BENCH_BUDGET_S:-480}
 PER_RUN=${BENCH_RUN_TIMEOUT_S:-150}
 
 # A result for a workload that left none (killed, crashed, skipped): experiment, overrides, error.

@@ -10,32 +10,20 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from flax import linen as nn
-from flax import struct
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from layers import sharding
 from trainer import flops
+from trainer import state as state_lib
 from trainer.checkpoint import Checkpointer
 from trainer.summaries import Summaries, image_grid, save_png
-
-
-@struct.dataclass
-class TrainState:
-  step: jax.Array          # int32 scalar: number of steps taken
-  params: Any
-  opt_state: Any
-  ema: Any                 # EMA of params, or None
-  rng: jax.Array           # raw uint32 key data (Orbax stores no typed keys)
 
 
 class TrainError(RuntimeError):
@@ -61,19 +49,9 @@ def train(run, workdir: str, config_text: str = '') -> dict:
                jax.process_count())
 
   # ---------------------------------------------------------------- state ---------------------
-  def init_state(key):
-    params = model.init(key, *task.init_inputs(1))['params']   # boxed: names ride along
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema=params if s.ema_decay else None,
-                      rng=jax.random.key_data(jax.random.fold_in(key, 1)))
-
+  init_state = state_lib.make_init_state(model, task, tx, s.ema_decay)
   key = jax.random.key(s.seed)
-  abstract = jax.eval_shape(init_state, key)
-  sharding.validate_param_axes(abstract.params, rules)
-  state_shardings = sharding.tree_shardings(abstract, mesh, rules)
-  abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                          nn.unbox(abstract), state_shardings)
-
+  state_shardings, abstract = state_lib.shard_state(init_state, key, mesh, rules)
   param_specs = jax.tree_util.tree_leaves_with_path(state_shardings.params)
   sizes = [int(np.prod(a.shape)) for a in jax.tree.leaves(abstract.params)]
   (path, largest), _ = max(zip(param_specs, sizes), key=lambda t: t[1])
@@ -95,24 +73,12 @@ def train(run, workdir: str, config_text: str = '') -> dict:
                         meta.get('experiment'), s.experiment)
     else:
       state = jax.jit(lambda k: nn.unbox(init_state(k)), out_shardings=state_shardings)(key)
-      logging.info('Initialised %s parameters from seed %d.', f'{count_params(state.params):,}',
+      logging.info('Initialised %s parameters from seed %d.',
+                   f'{state_lib.count_params(state.params):,}',
                    s.seed)
 
     # -------------------------------------------------------------- steps ---------------------
-    def train_step(state, batch):
-      rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-      (loss, aux), grads = jax.value_and_grad(
-          lambda p: task.loss(model, p, batch, rng), has_aux=True)(state.params)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      ema = state.ema
-      if s.ema_decay:
-        ema = jax.tree.map(lambda e, p: s.ema_decay * e + (1 - s.ema_decay) * p, ema, params)
-      metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
-                 'param_norm': optax.global_norm(params), 'lr': lr_fn(state.step), **aux}
-      return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                           ema=ema), metrics
-
+    train_step = state_lib.make_train_step(model, task, tx, lr_fn, s.ema_decay)
     train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
                          out_shardings=(state_shardings, replicated), donate_argnums=0)
     eval_step = jax.jit(lambda p, b: task.eval_step(model, p, b),
@@ -232,6 +198,3 @@ def train(run, workdir: str, config_text: str = '') -> dict:
     for c in reversed(ctx):
       c.__exit__(None, None, None)
 
-
-def count_params(params) -> int:
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

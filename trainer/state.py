@@ -1,0 +1,66 @@
+"""The train state, its sharded initialisation, and the train step: shared by the loop and the
+benchmark so that what is measured is what is trained."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from flax import struct
+
+from layers import sharding
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array          # int32 scalar: number of steps taken
+  params: Any
+  opt_state: Any
+  ema: Any                 # EMA of params, or None
+  rng: jax.Array           # raw uint32 key data (Orbax stores no typed keys)
+
+
+def make_init_state(model, task, tx, ema_decay: float):
+  """key -> TrainState whose params (and optimizer moments) are still boxed with their names."""
+  def init_state(key):
+    params = model.init(key, *task.init_inputs(1))['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      ema=params if ema_decay else None,
+                      rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+  return init_state
+
+
+def shard_state(init_state, key, mesh, rules=sharding.DEFAULT_RULES):
+  """(shardings, abstract state with those shardings), after validating the parameter names."""
+  boxed = jax.eval_shape(init_state, key)
+  sharding.validate_param_axes(boxed.params, rules)
+  shardings = sharding.tree_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          nn.unbox(boxed), shardings)
+  return shardings, abstract
+
+
+def make_train_step(model, task, tx, lr_fn, ema_decay: float):
+  """(state, batch) -> (state, metrics): one optimizer step; jit it with the state donated."""
+  def train_step(state, batch):
+    # a fresh key per step from the stored one: a resumed run draws what a straight one did
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    (loss, aux), grads = jax.value_and_grad(
+        lambda p: task.loss(model, p, batch, rng), has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema
+    if ema_decay:
+      ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+               'param_norm': optax.global_norm(params), 'lr': lr_fn(state.step), **aux}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema=ema), metrics
+  return train_step
+
+
+def count_params(params) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
