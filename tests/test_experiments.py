@@ -80,3 +80,9 @@ def test_subclass_in_user_module_registers(tmp_path, monkeypatch):
   _, cfg = base.build_config('user_exps.MyDiT')
   assert cfg.model.hidden == 32
   assert 'MyDiT' in base.registered()
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_docstring_gives_the_command(name):
+  doc = ' '.join(base.get(name).__dict__['__doc__'].split())
+  assert f'--exp={name}' in doc, f'{name}: its docstring should show how to run it'

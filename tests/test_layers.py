@@ -174,3 +174,17 @@ def test_make_mesh_errors_name_numbers():
     sharding.make_mesh({'data': 2, 'fsdp': 3})
   with pytest.raises(ValueError, match='unknown axes'):
     sharding.make_mesh({'model': 2})
+
+
+def test_remat_backbone_matches_plain():
+  from layers.transformers import Backbone
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  c = jax.random.normal(jax.random.key(1), (2, 16))
+  plain = Backbone(depth=2, num_heads=2, conditioned=True)
+  remat = Backbone(depth=2, num_heads=2, conditioned=True, remat=True)
+  params = nn.unbox(plain.init(jax.random.key(2), x, c))
+  params = jax.tree.map(lambda p: p + 0.05, params)     # leave adaLN-Zero's identity start
+  loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.sum(m.apply(p, x, c) ** 2)))
+  (l1, g1), (l2, g2) = loss(plain)(params), loss(remat)(params)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
