@@ -16,6 +16,12 @@ from layers.sharding import shard
 
 ACT = ('act_batch', 'act_len', 'act_embed')
 
+# Backbone sizes shared by every family: hidden, depth, heads (MLP ratio 4), as in DiT's Table 1.
+SIZES = {
+    'T': (128, 6, 4), 'S': (384, 12, 6), 'B': (768, 12, 12), 'L': (1024, 24, 16),
+    'XL': (1152, 28, 16),
+}
+
 
 class AdaLNModulation(nn.Module):
   """c [b, d] -> `num` vectors [b, d] (shifts, scales, gates) from SiLU + Dense.

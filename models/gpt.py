@@ -18,12 +18,7 @@ from layers.embeddings import Embed, PositionEmbed
 from layers.linears import Dense
 from layers.normalizations import LayerNorm
 from layers.sharding import shard
-from layers.transformers import Backbone, block_flops
-
-SIZES = {
-    'T': (128, 6, 4), 'S': (384, 12, 6), 'B': (768, 12, 12), 'L': (1024, 24, 16),
-    'XL': (1152, 28, 16),
-}
+from layers.transformers import SIZES, Backbone, block_flops  # noqa: F401  (SIZES: for users)
 
 
 class GPT(nn.Module):

@@ -185,14 +185,10 @@ def run_benchmark(exp_name: str, overrides=(), steps: int = 10, warmup: int = 2,
   tx, lr_fn = opt.tx, opt.lr
   devices = jax.devices()
 
-  # ---------------------------------------------------------------- mesh (as trainer/loop.py)
+  # ---------------------------------------------------------------- mesh (trainer/state.py)
   mesh = sharding.make_mesh(s.mesh)
   rules = sharding.DEFAULT_RULES
-  batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
-  if s.global_batch % batch_shards:
-    raise ValueError(f'GLOBAL_BATCH={s.global_batch} is not divisible by the data x fsdp mesh '
-                     f'size {batch_shards}')
-  batch_sharding = NamedSharding(mesh, P(('data', 'fsdp')))
+  batch_sharding = state_lib.batch_sharding(mesh, s.global_batch)
   replicated = NamedSharding(mesh, P())
 
   # ---------------------------------------------------------------- state (trainer/state.py)

@@ -23,11 +23,8 @@ from layers import sharding
 from trainer import flops
 from trainer import state as state_lib
 from trainer.checkpoint import Checkpointer
+from trainer.state import TrainError  # noqa: F401  (launch.py reports it in one line)
 from trainer.summaries import Summaries, image_grid, save_png
-
-
-class TrainError(RuntimeError):
-  """A setup problem the user can fix; the message says how."""
 
 
 def train(run, workdir: str, config_text: str = '') -> dict:
@@ -39,11 +36,7 @@ def train(run, workdir: str, config_text: str = '') -> dict:
   # ---------------------------------------------------------------- mesh ----------------------
   mesh = sharding.make_mesh(s.mesh)
   rules = sharding.DEFAULT_RULES
-  batch_shards = mesh.shape['data'] * mesh.shape['fsdp']
-  if s.global_batch % batch_shards:
-    raise TrainError(f'GLOBAL_BATCH={s.global_batch} is not divisible by the data x fsdp mesh '
-                     f'size {batch_shards}; pick a multiple of {batch_shards}')
-  batch_sharding = NamedSharding(mesh, P(('data', 'fsdp')))
+  batch_sharding = state_lib.batch_sharding(mesh, s.global_batch)
   replicated = NamedSharding(mesh, P())
   logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size,
                jax.process_count())

@@ -10,8 +10,22 @@ import numpy as np
 import optax
 from flax import linen as nn
 from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from layers import sharding
+
+
+class TrainError(RuntimeError):
+  """A setup problem the user can fix; the message says how."""
+
+
+def batch_sharding(mesh, global_batch: int):
+  """Batches split their first dim over ('data', 'fsdp'); the size must divide evenly."""
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  if global_batch % shards:
+    raise TrainError(f'GLOBAL_BATCH={global_batch} is not divisible by the data x fsdp mesh '
+                     f'size {shards}; pick a multiple of {shards}')
+  return NamedSharding(mesh, P(('data', 'fsdp')))
 
 
 @struct.dataclass
