@@ -187,4 +187,5 @@ def test_remat_backbone_matches_plain():
   loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.sum(m.apply(p, x, c) ** 2)))
   (l1, g1), (l2, g2) = loss(plain)(params), loss(remat)(params)
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g2)
+  # atol: gradients that are zero in exact arithmetic (key biases) come out as ~1e-6 noise
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), g1, g2)
