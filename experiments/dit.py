@@ -60,6 +60,7 @@ class DiT_T_FashionMNIST(data.FashionMNISTData, DiT):
   LOG_EVERY = 25
   EVAL_EVERY = 400
   EVAL_BATCHES = 20
+  SAMPLE_EVERY = 200           # a grid every 200 steps (about 11 s each on 2 CPU cores)
   CKPT_EVERY = 400
   DENOISE_STEPS = 32
   SAMPLES_PER_CLASS = 8
