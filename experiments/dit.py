@@ -68,7 +68,7 @@ class DiT_T_FashionMNIST(data.FashionMNISTData, DiT):
 
 class DiT_T_Synthetic(data.SyntheticImageData, DiT):
   """Tiny DiT on synthetic 16x16x3 images, for tests and smoke runs: `python launch.py
-  --exp=DiT_T_Synthetic --workdir=/tmp/dit`. Seconds on CPU; the loss falls from ~2."""
+  --exp=DiT_T_Synthetic --workdir=workdirs/dit`. Seconds on CPU; the loss falls from ~2."""
   HIDDEN, DEPTH, HEADS = 64, 2, 4
   IMAGE_SIZE = 16
   PATCH = 4

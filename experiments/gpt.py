@@ -58,7 +58,7 @@ class GPT_T_Bible(data.BibleData, GPT):
 
 class GPT_T_Synthetic(data.SyntheticTokenData, GPT):
   """Tiny GPT on synthetic counting sequences, for tests: `python launch.py
-  --exp=GPT_T_Synthetic --workdir=/tmp/gpt`. Seconds on a CPU; the loss falls below 6 quickly."""
+  --exp=GPT_T_Synthetic --workdir=workdirs/gpt`. Seconds on a CPU; the loss falls below 6 quickly."""
   HIDDEN, DEPTH, HEADS = 64, 2, 4
   VOCAB_SIZE = 512
   SEQ_LEN = 32

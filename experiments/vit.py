@@ -55,7 +55,7 @@ class ViT_T_FashionMNIST(data.FashionMNISTData, ViT):
 
 class ViT_T_Synthetic(data.SyntheticImageData, ViT):
   """Tiny ViT on synthetic 16x16x3 images, for tests: `python launch.py --exp=ViT_T_Synthetic
-  --workdir=/tmp/vit`. Seconds on a CPU; accuracy rises above chance within 20 steps."""
+  --workdir=workdirs/vit`. Seconds on a CPU; accuracy rises above chance within 20 steps."""
   HIDDEN, DEPTH, HEADS = 64, 2, 4
   IMAGE_SIZE = 16
   PATCH = 4
