@@ -61,23 +61,19 @@ def dry_run(cfg) -> str:
   import fiddle as fdl
   import jax
   from layers import sharding
+  from trainer.state import count_params
   model, task = fdl.build(cfg.model), fdl.build(cfg.task)
   boxed = jax.eval_shape(model.init, jax.random.key(0), *task.init_inputs(1))['params']
   mesh = sharding.make_mesh(cfg.loop.mesh)
   shardings = sharding.param_shardings(boxed, mesh)
-  rows, total = [], 0
-  flat = jax.tree_util.tree_leaves_with_path(
-      boxed, is_leaf=lambda x: hasattr(x, 'names') and hasattr(x, 'value'))
+  rows = []
+  flat = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: hasattr(x, 'names'))
   for (path, box), sh in zip(flat, jax.tree.leaves(shardings)):
-    n = 1
-    for d in box.value.shape:
-      n *= d
-    total += n
     rows.append(f'{jax.tree_util.keystr(path):64s} {str(tuple(box.value.shape)):20s} '
                 f'{str(tuple(box.names)):34s} {sh.spec}')
   header = (f'mesh {dict(mesh.shape)} over {mesh.size} devices\n'
             f'{"parameter":64s} {"shape":20s} {"logical axes":34s} mesh sharding')
-  return '\n'.join([header, *rows, f'params: {total}'])
+  return '\n'.join([header, *rows, f'params: {count_params(boxed)}'])
 
 
 def main(argv):
@@ -125,7 +121,7 @@ def main(argv):
 def run_main(argv):
   """app.run's entry, turning the errors a user can fix into one line and a non-zero exit."""
   from experiments.base import ConfigError
-  from trainer.loop import TrainError
+  from trainer.state import TrainError
   try:
     main(argv)
   except UsageError as e:

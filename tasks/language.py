@@ -1,6 +1,7 @@
 """Autoregressive language modelling: next-token loss, perplexity, sampling through the KV cache."""
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -29,8 +30,7 @@ class LanguageModeling:
     prompt = enc.encode(self.sample_prompt, allowed_special='all')[-self.seq_len // 2:]
     prompt = jnp.asarray([prompt], jnp.int32) % model.vocab_size
     new = min(self.sample_tokens, self.seq_len - prompt.shape[1])
-    out = jax.jit(lambda p, r: generate(model, p, prompt, new, r, self.temperature,
-                                        self.top_k))(params, rng)
+    out = generate(model, params, prompt, new, rng, self.temperature, self.top_k)
     tokens = [int(t) for t in jax.device_get(out)[0]]
     return {'text': enc.decode([t for t in tokens if t < enc.n_vocab])}
 
@@ -69,12 +69,13 @@ def sample_logits(rng, logits, temperature: float = 1.0, top_k: int | None = Non
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k'))
 def generate(model, params, prompt, max_new_tokens: int, rng, temperature: float = 1.0,
              top_k: int | None = None):
   """Continue `prompt` [b, p] by `max_new_tokens` tokens with the KV cache; returns [b, p + new].
 
   `model` is the training model; a decoding clone with a cache of length p + new is made here.
-  Jit-compatible (wrap in jax.jit with the int/float arguments static).
+  Jitted, compiled once per (model, prompt shape, length, sampling settings).
   """
   b, p = prompt.shape
   total = p + max_new_tokens

@@ -168,9 +168,7 @@ def run_benchmark(exp_name: str, overrides=(), steps: int = 10, warmup: int = 2,
                   seed: int = 0, log=print) -> dict:
   import fiddle as fdl
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  import optax
   from flax import linen as nn
   from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -198,7 +196,7 @@ def run_benchmark(exp_name: str, overrides=(), steps: int = 10, warmup: int = 2,
   state_shardings, _ = state_lib.shard_state(init_state, key, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     t0 = time.perf_counter()
-    state = jax.jit(lambda k: nn.unbox(init_state(k)), out_shardings=state_shardings)(key)
+    state = state_lib.initialize(init_state, key, state_shardings)
     jax.block_until_ready(state)
     init_time = time.perf_counter() - t0
     n_params = state_lib.count_params(state.params)

@@ -8,10 +8,11 @@ batch, only process 0 writes TensorBoard events, and Orbax coordinates the check
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import linen as nn
@@ -23,7 +24,6 @@ from layers import sharding
 from trainer import flops
 from trainer import state as state_lib
 from trainer.checkpoint import Checkpointer
-from trainer.state import TrainError  # noqa: F401  (launch.py reports it in one line)
 from trainer.summaries import Summaries, image_grid, save_png
 
 
@@ -52,11 +52,11 @@ def train(run, workdir: str, config_text: str = '') -> dict:
                sum('fsdp' in str(sh.spec) for _, sh in param_specs), len(param_specs),
                jax.tree_util.keystr(path), largest.spec)
 
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=s.keep_ckpts)
-  ctx = (jax.set_mesh(mesh), nn.logical_axis_rules(rules))
-  for c in ctx:
-    c.__enter__()
-  try:
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(rules))
+    ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=s.keep_ckpts)
+    stack.callback(ckpt.close)   # waits for an async save still in flight
     if ckpt.latest_step() is not None:
       state, meta = ckpt.restore(abstract)
       logging.info('Resuming from step %d (checkpoint in %s, data position %d).',
@@ -65,7 +65,7 @@ def train(run, workdir: str, config_text: str = '') -> dict:
         logging.warning('workdir checkpoint came from experiment %s, not %s',
                         meta.get('experiment'), s.experiment)
     else:
-      state = jax.jit(lambda k: nn.unbox(init_state(k)), out_shardings=state_shardings)(key)
+      state = state_lib.initialize(init_state, key, state_shardings)
       logging.info('Initialised %s parameters from seed %d.',
                    f'{state_lib.count_params(state.params):,}',
                    s.seed)
@@ -151,43 +151,35 @@ def train(run, workdir: str, config_text: str = '') -> dict:
       batch = to_global(run.train_data.batch(step))
       state, metrics = train_step(state, batch)
       done = step + 1
+      last = done == s.num_steps
       if step == start:   # keep compilation out of the timed interval
         jax.block_until_ready(metrics)
         timer_step, timer = done, time.perf_counter()
       if pending is not None:
         log(*pending)
         pending = None
-      if done % s.log_every == 0 or done == s.num_steps:
+      if done % s.log_every == 0 or last:
         pending = (done, metrics)
       bar.update(1)
-      if done % s.eval_every == 0 or done == s.num_steps:
+      do_eval = done % s.eval_every == 0 or last
+      do_sample = (s.sample_every and done % s.sample_every == 0) or last
+      do_save = done % s.ckpt_every == 0 or last
+      if do_eval or do_sample or do_save:
         if pending is not None:
           log(*pending)
           pending = None
-        eval_metrics = evaluate(state, done)
-      if (s.sample_every and done % s.sample_every == 0) or done == s.num_steps:
-        sample(state, done)
-      extra = False
-      if done % s.ckpt_every == 0 or done == s.num_steps:
-        ckpt.save(done, state, {'step': done, 'data_position': done,
-                                'experiment': s.experiment})
-        extra = True
-      if extra or done % s.eval_every == 0 or (s.sample_every and done % s.sample_every == 0):
-        if pending is not None:
-          log(*pending)
-          pending = None
+        if do_eval:
+          eval_metrics = evaluate(state, done)
+        if do_sample:
+          sample(state, done)
+        if do_save:
+          ckpt.save(done, state, {'step': done, 'data_position': done,
+                                  'experiment': s.experiment})
         jax.block_until_ready(state)  # eval, samples and saves stay out of the timed interval
         timer_step, timer = done, time.perf_counter()
-    if pending is not None:
-      log(*pending)
-    bar.close()
+    bar.close()   # the last step is always a boundary, so nothing is left pending
     if start >= s.num_steps:
       logging.info('Nothing to do: the checkpoint is already at step %d of %d.', start,
                    s.num_steps)
     writer.close()
     return eval_metrics
-  finally:
-    ckpt.close()
-    for c in reversed(ctx):
-      c.__exit__(None, None, None)
-

@@ -57,6 +57,11 @@ def shard_state(init_state, key, mesh, rules=sharding.DEFAULT_RULES):
   return shardings, abstract
 
 
+def initialize(init_state, key, shardings):
+  """Run `init_state` under jit straight into `shardings`: no host holds the full state."""
+  return jax.jit(lambda k: nn.unbox(init_state(k)), out_shardings=shardings)(key)
+
+
 def make_train_step(model, task, tx, lr_fn, ema_decay: float):
   """(state, batch) -> (state, metrics): one optimizer step; jit it with the state donated."""
   def train_step(state, batch):

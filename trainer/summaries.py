@@ -17,12 +17,6 @@ import numpy as np
 from PIL import Image
 
 
-def _tbx():
-  # tensorboardX imports torch wherever it is installed: only pay for it when writing events
-  from tensorboardX import summary
-  return summary
-
-
 class Summaries:
   """Scalars, images and text for TensorBoard; every method is a no-op when disabled.
 
@@ -37,7 +31,10 @@ class Summaries:
       enabled = jax.process_index() == 0
     self._writer = None
     if enabled:
-      from tensorboardX import event_file_writer, record_writer  # only where events are written
+      # tensorboardX imports torch wherever installed: pay for it only where events are written
+      from tensorboardX import event_file_writer, record_writer, summary
+      from tensorboardX.proto import event_pb2
+      self._tbx, self._event = summary, event_pb2.Event
       record_writer.directory_check(logdir)  # makedirs, or nothing for gs:// and s3://
       # The file is named by time in whole seconds and host: without a unique suffix a
       # run resumed within the same second would overwrite the earlier file.
@@ -51,18 +48,17 @@ class Summaries:
   def _write(self, step: int, *summaries) -> None:
     now = time.time()
     for summary in summaries:
-      from tensorboardX.proto import event_pb2
-      self._writer.write_event(event_pb2.Event(wall_time=now, step=step, summary=summary))
+      self._writer.write_event(self._event(wall_time=now, step=step, summary=summary))
     self._writer.flush()
 
   def scalars(self, values: dict[str, float], step: int) -> None:
     if self._writer:
-      self._write(step, *(_tbx().scalar(tag, float(v)) for tag, v in values.items()))
+      self._write(step, *(self._tbx.scalar(tag, float(v)) for tag, v in values.items()))
 
   def image(self, tag: str, image: np.ndarray, step: int) -> None:
     """`image` is HWC with C in {1, 3}: uint8, or float in [0, 1]."""
     if self._writer:
-      self._write(step, _tbx().image(tag, _to_uint8(image), dataformats='HWC'))
+      self._write(step, self._tbx.image(tag, _to_uint8(image), dataformats='HWC'))
 
   def text(self, tag: str, text: str, step: int) -> None:
     """Markdown, e.g. a config dump (indented 4 spaces to show verbatim) or samples.
@@ -70,7 +66,7 @@ class Summaries:
     TensorBoard lists it under the tag `<tag>/text_summary`.
     """
     if self._writer:
-      self._write(step, _tbx().text(tag, text))
+      self._write(step, self._tbx.text(tag, text))
 
   def flush(self) -> None:
     if self._writer:
