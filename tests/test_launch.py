@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.numerics import assert_close_f32
 from trainer.summaries import read_scalars
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,7 +87,7 @@ def test_fsdp_on_8_devices_matches_1_device(tmp_path):
   l1 = [v for _, v in read_scalars(str(tmp_path / 'one' / 'tensorboard'))['learning/loss']]
   l8 = [v for _, v in read_scalars(str(tmp_path / 'eight' / 'tensorboard'))['learning/loss']]
   assert len(l1) == 3
-  np.testing.assert_allclose(l8, l1, atol=1e-5, rtol=0)
+  assert_close_f32(l8, l1, rel=1e-5)   # 8 shards reduce in another order than 1
 
 
 def test_dry_run_prints_params_and_shardings():
