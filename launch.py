@@ -100,7 +100,10 @@ def main(argv):
   import fiddle as fdl
   import jax
   from trainer import loop
-  run = fdl.build(cfg)          # data sources load here: a missing dataset fails before any write
+  try:
+    run = fdl.build(cfg)        # data sources load here: a missing dataset fails before any write
+  except ValueError as e:       # a constructor rejected a value (NUM_CLASSES vs the data, ...)
+    raise base.ConfigError(str(e)) from None
   workdir = os.path.abspath(FLAGS.workdir)
   text = config_text(cfg)
   if jax.process_index() == 0:

@@ -6,8 +6,9 @@ import fiddle as fdl
 from experiments.base import ConfigError, Experiment
 from input.bible import Bible
 from input.fashion_mnist import FashionMNIST
-from input.planned import Planned
+from input.images import ImageRecords
 from input.synthetic import SyntheticImages, SyntheticTokens
+from input.text import TokenRecords
 
 
 class SyntheticImageData(Experiment, abstract=True):
@@ -50,29 +51,73 @@ class FashionMNISTData(Experiment, abstract=True):
     return self._source('test', False)
 
 
-class ImageNetData(Experiment, abstract=True):
-  """ImageNet-1k pixels through TFDS (ROADMAP 1: not yet in the zoo; builds and dry-runs)."""
-  IMAGE_SIZE = 224
+class TFDSImageData(Experiment, abstract=True):
+  """Images from a dataset prepared by TFDS (`python tools/build_dataset.py DATASET
+  --data_dir=DATA_DIR`), or from IMAGE_FOLDER, a directory ROOT/<split>/<class>/<image> that
+  needs no preparation (NUM_CLASSES must equal its number of class folders)."""
+  DATASET = None
+  DATA_DIR = None                 # None: $TFDS_DATA_DIR, else ~/tensorflow_datasets
+  IMAGE_FOLDER = None             # set to train on a folder of images instead of DATASET
+  TRAIN_SPLIT = 'train'
+  EVAL_SPLIT = 'validation'
+  AUGMENT = 'center'              # 'center' | 'inception_crop' (see input/images.py)
+  FLIP = True                     # random horizontal flips in training
+  MIN_CROP_AREA = 0.05            # smallest area fraction of 'inception_crop'
+  DATA_WORKERS = 0                # Grain worker processes decoding ahead (0: threads only)
+  DATA_THREADS = 4                # decoding threads per process
   CHANNELS = 3
-  NUM_CLASSES = 1000
-  DATA_DIR = None
+
+  def validate(self):
+    super().validate()
+    if self.CHANNELS != 3:
+      raise ConfigError(f'{type(self).__name__} reads RGB images: CHANNELS must be 3, not '
+                        f'{self.CHANNELS}')
+    if self.IMAGE_FOLDER is None and self.DATASET is None:
+      raise ConfigError('set DATASET (a prepared TFDS dataset) or IMAGE_FOLDER')
+
+  def _source(self, split, train):
+    folder = self.IMAGE_FOLDER
+    return fdl.Config(ImageRecords, global_batch=self.GLOBAL_BATCH, image_size=self.IMAGE_SIZE,
+                      split=split, dataset=None if folder else self.DATASET, folder=folder,
+                      data_dir=self.DATA_DIR, train=train,
+                      augment=self.AUGMENT if train else 'center', flip=self.FLIP,
+                      min_area=self.MIN_CROP_AREA, num_classes=self.NUM_CLASSES,
+                      workers=self.DATA_WORKERS, threads=self.DATA_THREADS, seed=self.SEED)
 
   def train_data(self):
-    return fdl.Config(Planned, what='ImageNet through TFDS', roadmap_item=1,
-                      data_dir=self.DATA_DIR)
+    return self._source(self.TRAIN_SPLIT, True)
 
   def eval_data(self):
-    return self.train_data()
+    return self._source(self.EVAL_SPLIT, False)
 
 
-class ImageNet256LatentData(ImageNetData, abstract=True):
-  """ImageNet 256x256 encoded by the Stable Diffusion VAE: 32x32x4 latents (ROADMAP 1 and 3)."""
-  IMAGE_SIZE = 32
-  CHANNELS = 4
+class ImageNetData(TFDSImageData, abstract=True):
+  """ImageNet-1k (tfds `imagenet2012`, prepared from the ILSVRC2012 tars): 1000 classes, the
+  validation split for eval."""
+  DATASET = 'imagenet2012'
+  IMAGE_SIZE = 224
+  NUM_CLASSES = 1000
 
-  def train_data(self):
-    return fdl.Config(Planned, what='ImageNet 256 Stable-Diffusion-VAE latents', roadmap_item=3,
-                      data_dir=self.DATA_DIR)
+
+class ImageNet256Data(ImageNetData, abstract=True):
+  """ImageNet at 256x256 pixels, center-cropped as DiT/ADM prepare it."""
+  IMAGE_SIZE = 256
+
+
+class CelebAHQData(TFDSImageData, abstract=True):
+  """CelebA-HQ (input/builders/celebahq.py), conditioned on its female/male label."""
+  DATASET = 'celebahq256'
+  IMAGE_SIZE = 256
+  NUM_CLASSES = 2
+
+
+class LSUNChurchData(TFDSImageData, abstract=True):
+  """LSUN church_outdoor (input/builders/lsun_church.py): unconditional, one class; it has only a
+  train split, so eval reads (a few batches of) train."""
+  DATASET = 'lsun_church'
+  IMAGE_SIZE = 256
+  NUM_CLASSES = 1
+  EVAL_SPLIT = 'train'
 
 
 class SyntheticTokenData(Experiment, abstract=True):
@@ -103,14 +148,23 @@ class BibleData(Experiment, abstract=True):
 
 
 class OpenWebTextData(Experiment, abstract=True):
-  """OpenWebText through TFDS (ROADMAP 1: not yet in the zoo; builds and dry-runs)."""
+  """OpenWebText as GPT-2 tokens (input/builders/openwebtext.py), prepared once with `python
+  tools/build_dataset.py openwebtext --data_dir=DATA_DIR`; ~0.05% of documents held out."""
   SEQ_LEN = 1024
   VOCAB_SIZE = 50257
-  DATA_DIR = None
+  DATASET = 'openwebtext'
+  DATA_DIR = None                 # None: $TFDS_DATA_DIR, else ~/tensorflow_datasets
+  TRAIN_SPLIT = 'train'
+  EVAL_SPLIT = 'validation'
+  DATA_WORKERS = 0
+
+  def _source(self, split, train):
+    return fdl.Config(TokenRecords, global_batch=self.GLOBAL_BATCH, seq_len=self.SEQ_LEN,
+                      dataset=self.DATASET, split=split, data_dir=self.DATA_DIR, train=train,
+                      workers=self.DATA_WORKERS, seed=self.SEED)
 
   def train_data(self):
-    return fdl.Config(Planned, what='OpenWebText through TFDS', roadmap_item=1,
-                      data_dir=self.DATA_DIR)
+    return self._source(self.TRAIN_SPLIT, True)
 
   def eval_data(self):
-    return self.train_data()
+    return self._source(self.EVAL_SPLIT, False)

@@ -84,44 +84,90 @@ class DiT_T_Synthetic(data.SyntheticImageData, DiT):
   EMA_DECAY = 0.9
 
 
-class DiT_S_ImageNet256(data.ImageNet256LatentData, DiT):
-  """DiT-S/2 on ImageNet 256 latents (33M params): `python launch.py --exp=DiT_S_ImageNet256
-  --workdir=...` once the latent pipeline exists (ROADMAP 1, 3). The paper reports FID-50K 68.4
-  after 400K steps of batch 256 without guidance; at DiT-XL's measured H200 MFU that is about
-  3 hours on one H200 (an estimate scaled by FLOPs; small models reach lower MFU)."""
+class DiT_S_ImageNet256(data.ImageNet256Data, DiT):
+  """DiT-S/16 on ImageNet 256x256 pixels (33M params): prepare the data once with `python
+  tools/build_dataset.py imagenet2012 --data_dir=D --source=M` (M holds ILSVRC2012_img_train.tar
+  and ILSVRC2012_img_val.tar), then `python launch.py --exp=DiT_S_ImageNet256 --workdir=W --set
+  DATA_DIR="'D'"`. Pixels with patch 16 give the 256 tokens that the paper's /2 models see on
+  32x32x4 VAE latents, so the step costs the same; the paper's FID-50K (68.4 for S/2 after 400K
+  steps of batch 256) is for latents, and no pixel-space run has been measured here."""
   HIDDEN, DEPTH, HEADS = dit.SIZES['S']
+  PATCH = 16
   GLOBAL_BATCH = 256
   NUM_STEPS = 400_000
   LOG_EVERY = 100
   EVAL_EVERY = 10_000
+  EVAL_BATCHES = 20
   CKPT_EVERY = 5_000
+  DATA_WORKERS = 8
 
 
 class DiT_B_ImageNet256(DiT_S_ImageNet256):
-  """DiT-B/2 on ImageNet 256 latents (130M params): `python launch.py --exp=DiT_B_ImageNet256
-  --workdir=...`. Paper: FID-50K 43.5 after 400K steps; about 10 hours on one H200 (estimate
-  scaled by FLOPs from DiT-XL's measured rate)."""
+  """DiT-B/16 on ImageNet 256 pixels (131M params): `python launch.py --exp=DiT_B_ImageNet256
+  --workdir=W --set DATA_DIR="'D'"` after preparing imagenet2012 (see DiT_S_ImageNet256). Paper,
+  on latents: FID-50K 43.5 after 400K steps; about 10 hours on one H200 (scaled by FLOPs from
+  DiT-XL's measured rate)."""
   HIDDEN, DEPTH, HEADS = dit.SIZES['B']
 
 
 class DiT_B_ImageNet(DiT_B_ImageNet256):
   """Same as DiT_B_ImageNet256, the name the docs use: `python launch.py --exp=DiT_B_ImageNet
-  --workdir=...`; FID-50K 43.5 after 400K steps, about 10 hours on one H200 (estimate)."""
+  --workdir=W --set DATA_DIR="'D'"` after preparing imagenet2012 (see DiT_S_ImageNet256)."""
 
 
 class DiT_L_ImageNet256(DiT_S_ImageNet256):
-  """DiT-L/2 on ImageNet 256 latents (458M params): `python launch.py --exp=DiT_L_ImageNet256
-  --workdir=...`. Paper: FID-50K 23.3 after 400K steps; about 33 hours on one H200 (estimate
-  scaled by FLOPs from DiT-XL's measured rate)."""
+  """DiT-L/16 on ImageNet 256 pixels (459M params): `python launch.py --exp=DiT_L_ImageNet256
+  --workdir=W --set DATA_DIR="'D'"` after preparing imagenet2012 (see DiT_S_ImageNet256). Paper,
+  on latents: FID-50K 23.3 after 400K steps; about 33 hours on one H200 (FLOPs estimate)."""
   HIDDEN, DEPTH, HEADS = dit.SIZES['L']
 
 
 class DiT_XL_ImageNet256(DiT_S_ImageNet256):
-  """DiT-XL/2 on ImageNet 256 latents (675M params): `python launch.py --exp=DiT_XL_ImageNet256
-  --workdir=... --set ATTENTION_IMPL=cudnn --set DTYPE=bfloat16`. Paper: FID-50K 19.5 after
-  400K steps (2.27 with CFG 1.5 after 7M). One H200 ran 588 images/s (docs/PERFORMANCE.md), so
-  400K steps of 256 take about 48 hours there."""
+  """DiT-XL/16 on ImageNet 256 pixels (677M params): `python launch.py --exp=DiT_XL_ImageNet256
+  --workdir=W --set DATA_DIR="'D'" --set ATTENTION_IMPL=cudnn --set DTYPE=bfloat16` after
+  preparing imagenet2012 (see DiT_S_ImageNet256). Paper, on latents: FID-50K 19.5 after 400K
+  steps (2.27 with CFG 1.5 after 7M). One H200 ran 588 images/s at this token count
+  (docs/PERFORMANCE.md), so 400K steps of 256 take about 48 hours there."""
   HIDDEN, DEPTH, HEADS = dit.SIZES['XL']
+
+
+class DiT_B_CelebAHQ256(data.CelebAHQData, DiT):
+  """DiT-B/16 on CelebA-HQ 256x256 pixels, conditioned on female/male: prepare with `python
+  tools/build_dataset.py celebahq256 --data_dir=D [--source=M]`, then `python launch.py
+  --exp=DiT_B_CelebAHQ256 --workdir=W --set DATA_DIR="'D'"`. 30K faces; no measured run yet
+  (expect recognisable faces within ~100K steps of batch 64: an estimate, not a measurement)."""
+  HIDDEN, DEPTH, HEADS = dit.SIZES['B']
+  PATCH = 16
+  GLOBAL_BATCH = 64
+  NUM_STEPS = 200_000
+  SAMPLE_CLASSES = 2
+  LOG_EVERY = 100
+  EVAL_EVERY = 10_000
+  EVAL_BATCHES = 20
+  SAMPLE_EVERY = 10_000
+  CKPT_EVERY = 5_000
+  DATA_WORKERS = 4
+
+
+class DiT_B_LSUNChurch256(data.LSUNChurchData, DiT):
+  """DiT-B/16 on LSUN church_outdoor 256x256 pixels, unconditional: prepare with `python
+  tools/build_dataset.py lsun_church --data_dir=D [--source=M]`, then `python launch.py
+  --exp=DiT_B_LSUNChurch256 --workdir=W --set DATA_DIR="'D'"`. One class, so guidance is off
+  (CFG_SCALE=1); no measured run yet."""
+  HIDDEN, DEPTH, HEADS = dit.SIZES['B']
+  PATCH = 16
+  GLOBAL_BATCH = 64
+  NUM_STEPS = 200_000
+  CFG_SCALE = 1.0
+  CLASS_DROPOUT = 0.0
+  SAMPLE_CLASSES = 1
+  SAMPLES_PER_CLASS = 16
+  LOG_EVERY = 100
+  EVAL_EVERY = 10_000
+  EVAL_BATCHES = 20
+  SAMPLE_EVERY = 10_000
+  CKPT_EVERY = 5_000
+  DATA_WORKERS = 4
 
 
 class DiT_XL_Synthetic(data.SyntheticImageData, DiT):

@@ -76,9 +76,11 @@ class GPT_T_Synthetic(data.SyntheticTokenData, GPT):
 
 class GPT_S_OWT(data.OpenWebTextData, GPT):
   """GPT-S (384/12/6, 41M with tied embeddings) on OpenWebText at 1024 tokens:
-  `python launch.py --exp=GPT_S_OWT --workdir=...` once the TFDS pipeline exists (ROADMAP 1).
-  Expect a validation loss above GPT-B's ~2.85 (no measured run yet); one H200 ran 626K
-  tokens/s with cuDNN attention, so the 295B-token schedule takes about 5.5 days there."""
+  prepare the tokens once with `python tools/build_dataset.py openwebtext --data_dir=D
+  [--source=M]` (M: .txt/.jsonl/.parquet files offline), then `python launch.py --exp=GPT_S_OWT
+  --workdir=W --set DATA_DIR="'D'"`. Expect a validation loss above GPT-B's ~2.85 (no measured
+  run yet); one H200 ran 626K tokens/s with cuDNN attention, so the 295B-token schedule takes
+  about 5.5 days there."""
   HIDDEN, DEPTH, HEADS = gpt.SIZES['S']
   GLOBAL_BATCH = 480
   NUM_STEPS = 600_000
@@ -86,26 +88,29 @@ class GPT_S_OWT(data.OpenWebTextData, GPT):
   EVAL_EVERY = 5_000
   EVAL_BATCHES = 50
   CKPT_EVERY = 5_000
+  DATA_WORKERS = 2
 
 
 class GPT_B_OWT(GPT_S_OWT):
   """GPT-B (768/12/12, the GPT-2 small shape, 124M tied) on OpenWebText: `python launch.py
-  --exp=GPT_B_OWT --workdir=...`. nanoGPT reaches ~2.85 validation loss with this shape after
+  --exp=GPT_B_OWT --workdir=W --set DATA_DIR="'D'"` after preparing openwebtext (see GPT_S_OWT).
+  nanoGPT reaches ~2.85 validation loss with this shape after
   600K steps of 480 x 1024 tokens (about 4 days on 8 A100s there)."""
   HIDDEN, DEPTH, HEADS = gpt.SIZES['B']
 
 
 class GPT_L_OWT(GPT_S_OWT):
   """GPT-L (1024/24/16, the GPT-2 medium shape, ~355M) on OpenWebText: `python launch.py
-  --exp=GPT_L_OWT --workdir=...`. GPT-2 medium's weights score ~2.84 on OpenWebText (nanoGPT);
+  --exp=GPT_L_OWT --workdir=W --set DATA_DIR="'D'"` after preparing openwebtext. GPT-2 medium's weights score ~2.84 on OpenWebText (nanoGPT);
   roughly 3x GPT-B's time at equal tokens (FLOPs estimate)."""
   HIDDEN, DEPTH, HEADS = gpt.SIZES['L']
 
 
 class GPT_XL_OWT(GPT_S_OWT):
   """GPT-XL (1152/28/16, ~505M) on OpenWebText, the DiT-XL backbone as a language model:
-  `python launch.py --exp=GPT_XL_OWT --workdir=...`. Expect a validation loss below GPT-L's at
-  equal tokens (no measured run yet); roughly 4x GPT-B's time (FLOPs estimate)."""
+  `python launch.py --exp=GPT_XL_OWT --workdir=W --set DATA_DIR="'D'"` after preparing
+  openwebtext (see GPT_S_OWT). Expect a validation loss below GPT-L's at equal tokens (no
+  measured run yet); roughly 4x GPT-B's time (FLOPs estimate)."""
   HIDDEN, DEPTH, HEADS = gpt.SIZES['XL']
 
 

@@ -16,6 +16,7 @@ class ViT(Experiment, abstract=True):
   LR_SCHEDULE = 'cosine'
   WEIGHT_DECAY = 1e-4
   LABEL_SMOOTHING = 0.0
+  MIXUP = 0.0                   # mixup weight ~ Beta(MIXUP, MIXUP) per batch; 0 disables
 
   def validate(self):
     super().validate()
@@ -30,7 +31,8 @@ class ViT(Experiment, abstract=True):
 
   def task(self):
     return fdl.Config(Classification, num_classes=self.NUM_CLASSES, image_size=self.IMAGE_SIZE,
-                      channels=self.CHANNELS, label_smoothing=self.LABEL_SMOOTHING)
+                      channels=self.CHANNELS, label_smoothing=self.LABEL_SMOOTHING,
+                      mixup=self.MIXUP)
 
   def flops_per_example(self):
     return vit.flops_per_example(self.IMAGE_SIZE, self.CHANNELS, self.PATCH, self.HIDDEN,
@@ -69,10 +71,12 @@ class ViT_T_Synthetic(data.SyntheticImageData, ViT):
 
 
 class ViT_S_ImageNet(data.ImageNetData, ViT):
-  """ViT-S/16 on ImageNet-1k at 224 px (22M params): `python launch.py --exp=ViT_S_ImageNet
-  --workdir=...` once the TFDS pipeline exists (ROADMAP 1). big_vision reports about 76.5% top-1
-  for 90 epochs at batch 1024 with light augmentation; about 4 hours on one H200 (estimate
-  scaled by FLOPs from ViT-B's measured rate)."""
+  """ViT-S/16 on ImageNet-1k at 224 px (22M params): prepare the data once with `python
+  tools/build_dataset.py imagenet2012 --data_dir=D --source=M` (M holds ILSVRC2012_img_train.tar
+  and ILSVRC2012_img_val.tar), then `python launch.py --exp=ViT_S_ImageNet --workdir=W --set
+  DATA_DIR="'D'"`. Center crops and flips only; ViT_B_ImageNet_Augment has the augmenting
+  recipe. About 4 hours on one H200 (scaled by FLOPs from ViT-B's measured rate); no measured
+  accuracy yet."""
   HIDDEN, DEPTH, HEADS = vit.SIZES['S']
   GLOBAL_BATCH = 1024
   NUM_STEPS = 112_590     # 90 epochs
@@ -80,19 +84,32 @@ class ViT_S_ImageNet(data.ImageNetData, ViT):
   LOG_EVERY = 100
   EVAL_EVERY = 5_000
   CKPT_EVERY = 5_000
+  DATA_WORKERS = 16
 
 
 class ViT_B_ImageNet(ViT_S_ImageNet):
-  """ViT-B/16 on ImageNet-1k (86M params): `python launch.py --exp=ViT_B_ImageNet --workdir=...`.
-  No measured accuracy yet (expect high 70s% top-1 from 90 epochs without strong augmentation);
-  one H200 ran 2,390 images/s (docs/PERFORMANCE.md), so 90 epochs take about 13 hours."""
+  """ViT-B/16 on ImageNet-1k (86M params): `python launch.py --exp=ViT_B_ImageNet --workdir=W
+  --set DATA_DIR="'D'"` after preparing imagenet2012 (see ViT_S_ImageNet). No measured accuracy
+  yet; one H200 ran 2,390 images/s (docs/PERFORMANCE.md), so 90 epochs take about 13 hours."""
   HIDDEN, DEPTH, HEADS = vit.SIZES['B']
 
 
+class ViT_B_ImageNet_Augment(ViT_B_ImageNet):
+  """ViT-B/16 on ImageNet-1k with augmentation (the reference's `imagenet256-augment`): random
+  resized ("Inception") crops of 5-100% of the area with aspect 3/4-4/3, flips, and mixup
+  (Beta(0.2, 0.2), as big_vision's ViT baselines; they also use RandAugment, which is not here).
+  `python launch.py --exp=ViT_B_ImageNet_Augment --workdir=W --set DATA_DIR="'D'"` after
+  preparing imagenet2012 (see ViT_S_ImageNet); LABEL_SMOOTHING is a knob (default 0). No
+  measured accuracy yet."""
+  AUGMENT = 'inception_crop'
+  MIXUP = 0.2
+
+
 class ViT_L_ImageNet(ViT_S_ImageNet):
-  """ViT-L/16 on ImageNet-1k (304M params): `python launch.py --exp=ViT_L_ImageNet --workdir=...`.
-  Overfits without pre-training or heavy augmentation (the ViT paper: ~76.5% from scratch);
-  about 47 hours on one H200 (estimate scaled by FLOPs from ViT-B's measured rate)."""
+  """ViT-L/16 on ImageNet-1k (304M params): `python launch.py --exp=ViT_L_ImageNet --workdir=W
+  --set DATA_DIR="'D'"` after preparing imagenet2012 (see ViT_S_ImageNet). Overfits without
+  pre-training or heavy augmentation (the ViT paper: ~76.5% from scratch); about 47 hours on one
+  H200 (FLOPs estimate)."""
   HIDDEN, DEPTH, HEADS = vit.SIZES['L']
 
 

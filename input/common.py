@@ -5,6 +5,11 @@ A batch is a pure function of (seed, step, constructor args), so a resumed run r
 an uninterrupted one would have, with no iterator state to checkpoint. Training walks the split
 in a fresh permutation per epoch (wrapping across epoch boundaries mid-batch); evaluation walks it
 once in order and pads the last batch, marking real rows with `mask`.
+
+`iterate(start, stop)` yields the same batches in order, prepared ahead of the consumer by Grain:
+in threads (`threads`, which overlap image decoding since PIL releases the GIL) and, with
+`workers` > 0, in that many worker processes. Because every batch is a pure function of its
+step, how many threads or processes prepare them changes nothing in what they hold.
 """
 
 import functools
@@ -49,6 +54,10 @@ class Source:
 
   num_examples: int
 
+  workers = 0      # Grain worker processes preparing batches ahead (0: this process only)
+  threads = 1      # threads per process preparing batches ahead
+  prefetch = 2     # batches prepared ahead of the consumer, per process
+
   def __init__(self, global_batch, seed=0, train=True, process_index=None, process_count=None):
     self.rows = process_rows(global_batch, process_index, process_count)
     self.global_batch = global_batch
@@ -60,19 +69,43 @@ class Source:
     """Batches that cover the split exactly once (the last one padded)."""
     return -(-self.num_examples // self.global_batch)
 
-  def batch(self, step: int) -> dict[str, np.ndarray]:
-    """This process's rows of global batch `step`; eval batches carry a float32 `mask`."""
+  def indices(self, step: int) -> np.ndarray:
+    """The examples this process's rows of global batch `step` read (eval: padding repeats the
+    last example)."""
     step = operator.index(step)
     if step < 0:
       raise ValueError(f'step must be >= 0, got {step}')
-    positions = step * self.global_batch + np.arange(self.rows.start, self.rows.stop)
+    positions = self._positions(step)
     if self.train:
-      return self._examples(self._train_indices(step, positions), step)
+      return self._train_indices(step, positions)
     if step >= self.num_eval_batches():
       raise IndexError(f'eval batch {step} is past the last one ({self.num_eval_batches() - 1})')
-    out = self._examples(np.minimum(positions, self.num_examples - 1), step)
-    out['mask'] = (positions < self.num_examples).astype(np.float32)
+    return np.minimum(positions, self.num_examples - 1)
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of global batch `step`; eval batches carry a float32 `mask`."""
+    out = self._examples(self.indices(step), operator.index(step))
+    if not self.train:
+      out['mask'] = (self._positions(step) < self.num_examples).astype(np.float32)
     return out
+
+  def iterate(self, start: int, stop: int):
+    """Batches start .. stop - 1 in order, prepared ahead by Grain (see the module docstring)."""
+    import grain  # Lazily: indexing a source needs no Grain.
+    dataset = grain.MapDataset.range(start, stop).map(self.batch)
+    threads = max(1, self.threads)
+    dataset = dataset.to_iter_dataset(grain.ReadOptions(
+        num_threads=threads, prefetch_buffer_size=max(self.prefetch, threads)))
+    if self.workers > 0:
+      from absl import flags
+      if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside an absl app
+        flags.FLAGS.mark_as_parsed()   # (a library user, a test) their defaults are what we want
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=self.workers, per_worker_buffer_size=self.prefetch))
+    return iter(dataset)
+
+  def _positions(self, step: int) -> np.ndarray:
+    return step * self.global_batch + np.arange(self.rows.start, self.rows.stop)
 
   def _train_indices(self, step: int, positions: np.ndarray) -> np.ndarray:
     del step

@@ -27,13 +27,17 @@ def read_idx(path) -> np.ndarray:
 
 
 def _from_tfds(split):
-  """The split as (images, labels) via TFDS, or None where TensorFlow is not installed."""
+  """The split as (images, labels) from a copy TFDS already prepared, or None (no TensorFlow, or
+  no prepared copy: nothing is downloaded here, so an offline machine fails with our message)."""
   try:
     import tensorflow  # noqa: F401  tfds.load needs it; checking first avoids a confusing error
     import tensorflow_datasets as tfds
   except ImportError:
     return None
-  data = tfds.as_numpy(tfds.load('fashion_mnist', split=split, batch_size=-1))
+  try:
+    data = tfds.as_numpy(tfds.load('fashion_mnist', split=split, batch_size=-1, download=False))
+  except Exception:  # tfds raises assorted errors for a dataset that is not prepared
+    return None
   return data['image'][..., 0], data['label']
 
 
@@ -51,7 +55,7 @@ def load(split: str = 'train', data_dir: str = DEFAULT_DIR) -> tuple[np.ndarray,
     raise FileNotFoundError(
         f'Fashion-MNIST: {missing} not found. Install it with `apt-get install '
         f'dataset-fashion-mnist`, or pass data_dir=DIR holding {", ".join(_FILES["train"])}, '
-        f'{", ".join(_FILES["test"])} (tensorflow + tensorflow_datasets also work).')
+        f'{", ".join(_FILES["test"])} (a copy prepared by tensorflow_datasets also works).')
   images, labels = np.ascontiguousarray(images, np.uint8), labels.astype(np.int32)
   if images.shape[1:] != (_SIZE, _SIZE) or len(images) != len(labels):
     raise ValueError(f'Fashion-MNIST {split}: images {images.shape} do not match labels '

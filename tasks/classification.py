@@ -1,6 +1,7 @@
-"""Image classification: softmax cross-entropy (optional label smoothing) and accuracy."""
+"""Image classification: softmax cross-entropy (optional label smoothing and mixup), accuracy."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from tasks.common import batch_mask, cross_entropy
@@ -10,21 +11,30 @@ class Classification:
   """batch: {'image': [b, H, W, c], 'label': int [b], optional 'mask': [b]}."""
 
   def __init__(self, num_classes: int, image_size: int = 0, channels: int = 0,
-               label_smoothing: float = 0.0):
+               label_smoothing: float = 0.0, mixup: float = 0.0):
     self.num_classes = num_classes
     self.image_size, self.channels = image_size, channels
     self.label_smoothing = label_smoothing
+    self.mixup = mixup
 
   def init_inputs(self, batch_size: int):
     """Zeros shaped like the model's inputs, for initialisation and eval_shape."""
     return (jnp.zeros((batch_size, self.image_size, self.image_size, self.channels)),)
 
   def loss(self, model, params, batch, rng):
-    del rng
-    logits = model.apply({'params': params}, batch['image'])
-    loss = cross_entropy(logits, batch['label'], self.label_smoothing).mean()
-    accuracy = (logits.argmax(-1) == batch['label']).mean()
-    return loss, {'accuracy': accuracy}
+    images, labels = batch['image'], batch['label']
+    if self.mixup:
+      # big_vision's mixup, on the device: one weight a ~ Beta(p, p) per batch, kept >= 1/2 so
+      # each image's own label dominates; every image is mixed with its neighbour in the batch.
+      a = jax.random.beta(rng, self.mixup, self.mixup)
+      a = jnp.maximum(a, 1 - a)
+      images = a * images + (1 - a) * jnp.roll(images, 1, axis=0)
+    logits = model.apply({'params': params}, images)
+    nll = cross_entropy(logits, labels, self.label_smoothing)
+    if self.mixup:
+      nll = a * nll + (1 - a) * cross_entropy(logits, jnp.roll(labels, 1), self.label_smoothing)
+    accuracy = (logits.argmax(-1) == labels).mean()
+    return nll.mean(), {'accuracy': accuracy}
 
   def eval_step(self, model, params, batch):
     logits = model.apply({'params': params}, batch['image'])

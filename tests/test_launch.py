@@ -134,7 +134,10 @@ def trained_workdir(tmp_path_factory):
     (['--exp=ViT_T_Synthetic', '--set', 'IMAGE_SIZE=15'], 'IMAGE_SIZE=15 is not divisible by'),
     (['--exp=ViT_T_FashionMNIST', '--set', "FASHION_MNIST_DIR='/nonexistent/fmnist'"],
      'apt-get install dataset-fashion-mnist'),
-    (['--exp=ViT_S_ImageNet'], 'ROADMAP item 1'),
+    (['--exp=ViT_S_ImageNet', '--set', "DATA_DIR='/nonexistent/tfds'"],
+     "dataset 'imagenet2012' is not prepared: no /nonexistent/tfds/imagenet2012/"),
+    (['--exp=ViT_S_ImageNet', '--set', "IMAGE_FOLDER='/nonexistent/images'"],
+     'IMAGE_FOLDER /nonexistent/images is not a directory'),
 ])
 def test_bad_input_fails_in_one_line_and_keeps_checkpoints(trained_workdir, args, message):
   before = _tree_digest(os.path.join(trained_workdir, 'checkpoints'))

@@ -102,6 +102,37 @@ def test_classification_eval_ignores_padding():
   np.testing.assert_allclose(m['loss'], want, rtol=1e-5)
 
 
+class _Linear:
+  def __init__(self, w):
+    self.w = w
+
+  def apply(self, variables, x):
+    return x.reshape(x.shape[0], -1) @ self.w
+
+
+def test_mixup_matches_numpy():
+  """big_vision's mixup: weight a = max(b, 1 - b), b ~ Beta(p, p); image i is mixed with image
+  i - 1 and the loss is a CE(label i) + (1 - a) CE(label i - 1)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, 2, 2, 3)).astype(np.float32)
+  w = rng.normal(size=(12, 5)).astype(np.float32)
+  y = np.array([0, 4, 2, 2])
+  key = jax.random.key(0)
+  task = Classification(num_classes=5, mixup=1.0)   # Beta(1, 1): a moderate weight is likely
+  loss, _ = task.loss(_Linear(jnp.asarray(w)), None, {'image': jnp.asarray(x), 'label': y}, key)
+  b = float(jax.random.beta(key, 1.0, 1.0))
+  a = max(b, 1 - b)
+  assert a < 0.9, a
+  mixed = a * x + (1 - a) * np.roll(x, 1, axis=0)
+  logits = mixed.reshape(4, -1).astype(np.float64) @ w
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  want = -(a * logp[np.arange(4), y] + (1 - a) * logp[np.arange(4), np.roll(y, 1)]).mean()
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  plain, _ = Classification(num_classes=5).loss(_Linear(jnp.asarray(w)), None,
+                                                {'image': jnp.asarray(x), 'label': y}, key)
+  assert abs(float(plain) - want) > 1e-3   # the mixing changed the loss
+
+
 class _EchoLM:
   """Predicts token t+1 = token t + 1 with certainty, so the loss is known."""
 

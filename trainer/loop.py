@@ -92,8 +92,8 @@ def train(run, workdir: str, config_text: str = '') -> dict:
       n = run.eval_data.num_eval_batches()
       n = min(n, s.eval_batches) if s.eval_batches else n
       sums = None
-      for i in range(n):
-        out = jax.device_get(eval_step(params, to_global(run.eval_data.batch(i))))
+      for batch in run.eval_data.iterate(0, n):
+        out = jax.device_get(eval_step(params, to_global(batch)))
         sums = out if sums is None else jax.tree.map(np.add, sums, out)
       metrics = task.finalize(sums)
       writer.scalars({f'eval/{k}': v for k, v in metrics.items()}, step)
@@ -147,8 +147,9 @@ def train(run, workdir: str, config_text: str = '') -> dict:
       timer_step, timer = step, now
       writer.scalars(values, step)
 
+    batches = run.train_data.iterate(start, s.num_steps)   # prepared ahead, in order
     for step in range(start, s.num_steps):
-      batch = to_global(run.train_data.batch(step))
+      batch = to_global(next(batches))
       state, metrics = train_step(state, batch)
       done = step + 1
       last = done == s.num_steps
