@@ -88,7 +88,7 @@ class DiT_S_ImageNet256(data.ImageNet256Data, DiT):
   """DiT-S/16 on ImageNet 256x256 pixels (33M params): prepare the data once with `python
   tools/build_dataset.py imagenet2012 --data_dir=D --source=M` (M holds ILSVRC2012_img_train.tar
   and ILSVRC2012_img_val.tar), then `python launch.py --exp=DiT_S_ImageNet256 --workdir=W --set
-  DATA_DIR="'D'"`. Pixels with patch 16 give the 256 tokens that the paper's /2 models see on
+  DATA_DIR=D`. Pixels with patch 16 give the 256 tokens that the paper's /2 models see on
   32x32x4 VAE latents, so the step costs the same; the paper's FID-50K (68.4 for S/2 after 400K
   steps of batch 256) is for latents, and no pixel-space run has been measured here."""
   HIDDEN, DEPTH, HEADS = dit.SIZES['S']
@@ -104,7 +104,7 @@ class DiT_S_ImageNet256(data.ImageNet256Data, DiT):
 
 class DiT_B_ImageNet256(DiT_S_ImageNet256):
   """DiT-B/16 on ImageNet 256 pixels (131M params): `python launch.py --exp=DiT_B_ImageNet256
-  --workdir=W --set DATA_DIR="'D'"` after preparing imagenet2012 (see DiT_S_ImageNet256). Paper,
+  --workdir=W --set DATA_DIR=D` after preparing imagenet2012 (see DiT_S_ImageNet256). Paper,
   on latents: FID-50K 43.5 after 400K steps; about 10 hours on one H200 (scaled by FLOPs from
   DiT-XL's measured rate)."""
   HIDDEN, DEPTH, HEADS = dit.SIZES['B']
@@ -112,35 +112,31 @@ class DiT_B_ImageNet256(DiT_S_ImageNet256):
 
 class DiT_B_ImageNet(DiT_B_ImageNet256):
   """Same as DiT_B_ImageNet256, the name the docs use: `python launch.py --exp=DiT_B_ImageNet
-  --workdir=W --set DATA_DIR="'D'"` after preparing imagenet2012 (see DiT_S_ImageNet256)."""
+  --workdir=W --set DATA_DIR=D` after preparing imagenet2012 (see DiT_S_ImageNet256)."""
 
 
 class DiT_L_ImageNet256(DiT_S_ImageNet256):
   """DiT-L/16 on ImageNet 256 pixels (459M params): `python launch.py --exp=DiT_L_ImageNet256
-  --workdir=W --set DATA_DIR="'D'"` after preparing imagenet2012 (see DiT_S_ImageNet256). Paper,
+  --workdir=W --set DATA_DIR=D` after preparing imagenet2012 (see DiT_S_ImageNet256). Paper,
   on latents: FID-50K 23.3 after 400K steps; about 33 hours on one H200 (FLOPs estimate)."""
   HIDDEN, DEPTH, HEADS = dit.SIZES['L']
 
 
 class DiT_XL_ImageNet256(DiT_S_ImageNet256):
   """DiT-XL/16 on ImageNet 256 pixels (677M params): `python launch.py --exp=DiT_XL_ImageNet256
-  --workdir=W --set DATA_DIR="'D'" --set ATTENTION_IMPL=cudnn --set DTYPE=bfloat16` after
+  --workdir=W --set DATA_DIR=D --set ATTENTION_IMPL=cudnn --set DTYPE=bfloat16` after
   preparing imagenet2012 (see DiT_S_ImageNet256). Paper, on latents: FID-50K 19.5 after 400K
   steps (2.27 with CFG 1.5 after 7M). One H200 ran 588 images/s at this token count
   (docs/PERFORMANCE.md), so 400K steps of 256 take about 48 hours there."""
   HIDDEN, DEPTH, HEADS = dit.SIZES['XL']
 
 
-class DiT_B_CelebAHQ256(data.CelebAHQData, DiT):
-  """DiT-B/16 on CelebA-HQ 256x256 pixels, conditioned on female/male: prepare with `python
-  tools/build_dataset.py celebahq256 --data_dir=D [--source=M]`, then `python launch.py
-  --exp=DiT_B_CelebAHQ256 --workdir=W --set DATA_DIR="'D'"`. 30K faces; no measured run yet
-  (expect recognisable faces within ~100K steps of batch 64: an estimate, not a measurement)."""
+class DiT_B_Pixels256(DiT, abstract=True):
+  """DiT-B/16 on 256x256 pixels at batch 64: the recipe the CelebA-HQ and LSUN runs share."""
   HIDDEN, DEPTH, HEADS = dit.SIZES['B']
   PATCH = 16
   GLOBAL_BATCH = 64
   NUM_STEPS = 200_000
-  SAMPLE_CLASSES = 2
   LOG_EVERY = 100
   EVAL_EVERY = 10_000
   EVAL_BATCHES = 20
@@ -149,25 +145,22 @@ class DiT_B_CelebAHQ256(data.CelebAHQData, DiT):
   DATA_WORKERS = 4
 
 
-class DiT_B_LSUNChurch256(data.LSUNChurchData, DiT):
+class DiT_B_CelebAHQ256(data.CelebAHQData, DiT_B_Pixels256):
+  """DiT-B/16 on CelebA-HQ 256x256 pixels, conditioned on female/male: prepare with `python
+  tools/build_dataset.py celebahq256 --data_dir=D [--source=M]`, then `python launch.py
+  --exp=DiT_B_CelebAHQ256 --workdir=W --set DATA_DIR=D`. 30K faces; no measured run yet."""
+  SAMPLE_CLASSES = 2
+
+
+class DiT_B_LSUNChurch256(data.LSUNChurchData, DiT_B_Pixels256):
   """DiT-B/16 on LSUN church_outdoor 256x256 pixels, unconditional: prepare with `python
   tools/build_dataset.py lsun_church --data_dir=D [--source=M]`, then `python launch.py
-  --exp=DiT_B_LSUNChurch256 --workdir=W --set DATA_DIR="'D'"`. One class, so guidance is off
+  --exp=DiT_B_LSUNChurch256 --workdir=W --set DATA_DIR=D`. One class, so guidance is off
   (CFG_SCALE=1); no measured run yet."""
-  HIDDEN, DEPTH, HEADS = dit.SIZES['B']
-  PATCH = 16
-  GLOBAL_BATCH = 64
-  NUM_STEPS = 200_000
   CFG_SCALE = 1.0
   CLASS_DROPOUT = 0.0
   SAMPLE_CLASSES = 1
   SAMPLES_PER_CLASS = 16
-  LOG_EVERY = 100
-  EVAL_EVERY = 10_000
-  EVAL_BATCHES = 20
-  SAMPLE_EVERY = 10_000
-  CKPT_EVERY = 5_000
-  DATA_WORKERS = 4
 
 
 class DiT_XL_Synthetic(data.SyntheticImageData, DiT):

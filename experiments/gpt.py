@@ -78,7 +78,7 @@ class GPT_S_OWT(data.OpenWebTextData, GPT):
   """GPT-S (384/12/6, 41M with tied embeddings) on OpenWebText at 1024 tokens:
   prepare the tokens once with `python tools/build_dataset.py openwebtext --data_dir=D
   [--source=M]` (M: .txt/.jsonl/.parquet files offline), then `python launch.py --exp=GPT_S_OWT
-  --workdir=W --set DATA_DIR="'D'"`. Expect a validation loss above GPT-B's ~2.85 (no measured
+  --workdir=W --set DATA_DIR=D`. Expect a validation loss above GPT-B's ~2.85 (no measured
   run yet); one H200 ran 626K tokens/s with cuDNN attention, so the 295B-token schedule takes
   about 5.5 days there."""
   HIDDEN, DEPTH, HEADS = gpt.SIZES['S']
@@ -93,7 +93,7 @@ class GPT_S_OWT(data.OpenWebTextData, GPT):
 
 class GPT_B_OWT(GPT_S_OWT):
   """GPT-B (768/12/12, the GPT-2 small shape, 124M tied) on OpenWebText: `python launch.py
-  --exp=GPT_B_OWT --workdir=W --set DATA_DIR="'D'"` after preparing openwebtext (see GPT_S_OWT).
+  --exp=GPT_B_OWT --workdir=W --set DATA_DIR=D` after preparing openwebtext (see GPT_S_OWT).
   nanoGPT reaches ~2.85 validation loss with this shape after
   600K steps of 480 x 1024 tokens (about 4 days on 8 A100s there)."""
   HIDDEN, DEPTH, HEADS = gpt.SIZES['B']
@@ -101,14 +101,14 @@ class GPT_B_OWT(GPT_S_OWT):
 
 class GPT_L_OWT(GPT_S_OWT):
   """GPT-L (1024/24/16, the GPT-2 medium shape, ~355M) on OpenWebText: `python launch.py
-  --exp=GPT_L_OWT --workdir=W --set DATA_DIR="'D'"` after preparing openwebtext. GPT-2 medium's weights score ~2.84 on OpenWebText (nanoGPT);
+  --exp=GPT_L_OWT --workdir=W --set DATA_DIR=D` after preparing openwebtext. GPT-2 medium's weights score ~2.84 on OpenWebText (nanoGPT);
   roughly 3x GPT-B's time at equal tokens (FLOPs estimate)."""
   HIDDEN, DEPTH, HEADS = gpt.SIZES['L']
 
 
 class GPT_XL_OWT(GPT_S_OWT):
   """GPT-XL (1152/28/16, ~505M) on OpenWebText, the DiT-XL backbone as a language model:
-  `python launch.py --exp=GPT_XL_OWT --workdir=W --set DATA_DIR="'D'"` after preparing
+  `python launch.py --exp=GPT_XL_OWT --workdir=W --set DATA_DIR=D` after preparing
   openwebtext (see GPT_S_OWT). Expect a validation loss below GPT-L's at equal tokens (no
   measured run yet); roughly 4x GPT-B's time (FLOPs estimate)."""
   HIDDEN, DEPTH, HEADS = gpt.SIZES['XL']

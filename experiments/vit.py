@@ -74,7 +74,7 @@ class ViT_S_ImageNet(data.ImageNetData, ViT):
   """ViT-S/16 on ImageNet-1k at 224 px (22M params): prepare the data once with `python
   tools/build_dataset.py imagenet2012 --data_dir=D --source=M` (M holds ILSVRC2012_img_train.tar
   and ILSVRC2012_img_val.tar), then `python launch.py --exp=ViT_S_ImageNet --workdir=W --set
-  DATA_DIR="'D'"`. Center crops and flips only; ViT_B_ImageNet_Augment has the augmenting
+  DATA_DIR=D`. Center crops and flips only; ViT_B_ImageNet_Augment has the augmenting
   recipe. About 4 hours on one H200 (scaled by FLOPs from ViT-B's measured rate); no measured
   accuracy yet."""
   HIDDEN, DEPTH, HEADS = vit.SIZES['S']
@@ -89,7 +89,7 @@ class ViT_S_ImageNet(data.ImageNetData, ViT):
 
 class ViT_B_ImageNet(ViT_S_ImageNet):
   """ViT-B/16 on ImageNet-1k (86M params): `python launch.py --exp=ViT_B_ImageNet --workdir=W
-  --set DATA_DIR="'D'"` after preparing imagenet2012 (see ViT_S_ImageNet). No measured accuracy
+  --set DATA_DIR=D` after preparing imagenet2012 (see ViT_S_ImageNet). No measured accuracy
   yet; one H200 ran 2,390 images/s (docs/PERFORMANCE.md), so 90 epochs take about 13 hours."""
   HIDDEN, DEPTH, HEADS = vit.SIZES['B']
 
@@ -98,7 +98,7 @@ class ViT_B_ImageNet_Augment(ViT_B_ImageNet):
   """ViT-B/16 on ImageNet-1k with augmentation (the reference's `imagenet256-augment`): random
   resized ("Inception") crops of 5-100% of the area with aspect 3/4-4/3, flips, and mixup
   (Beta(0.2, 0.2), as big_vision's ViT baselines; they also use RandAugment, which is not here).
-  `python launch.py --exp=ViT_B_ImageNet_Augment --workdir=W --set DATA_DIR="'D'"` after
+  `python launch.py --exp=ViT_B_ImageNet_Augment --workdir=W --set DATA_DIR=D` after
   preparing imagenet2012 (see ViT_S_ImageNet); LABEL_SMOOTHING is a knob (default 0). No
   measured accuracy yet."""
   AUGMENT = 'inception_crop'
@@ -107,7 +107,7 @@ class ViT_B_ImageNet_Augment(ViT_B_ImageNet):
 
 class ViT_L_ImageNet(ViT_S_ImageNet):
   """ViT-L/16 on ImageNet-1k (304M params): `python launch.py --exp=ViT_L_ImageNet --workdir=W
-  --set DATA_DIR="'D'"` after preparing imagenet2012 (see ViT_S_ImageNet). Overfits without
+  --set DATA_DIR=D` after preparing imagenet2012 (see ViT_S_ImageNet). Overfits without
   pre-training or heavy augmentation (the ViT paper: ~76.5% from scratch); about 47 hours on one
   H200 (FLOPs estimate)."""
   HIDDEN, DEPTH, HEADS = vit.SIZES['L']

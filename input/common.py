@@ -49,6 +49,38 @@ def permutation(n: int, seed: int, epoch: int) -> np.ndarray:
   return perm
 
 
+def _copy_out(batch: dict) -> dict:
+  return {k: np.array(v) for k, v in batch.items()}
+
+
+class _Batches:
+  """What `iterate` returns with worker processes: closing it also waits for Grain's background
+  unlinking of the shared memory the workers handed over. An exit before that is done leaves
+  blocks for the resource tracker, which cleans them up but warns about each."""
+
+  def __init__(self, iterator):
+    self._iterator = iterator
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self._iterator)
+
+  def close(self):
+    self._iterator.close()
+    try:  # Grain has no public hook for this; without one, the warning is all that is lost.
+      from grain._src.python.ipc.shared_memory_array import SharedMemoryArray as shm
+      pool = shm._del_thread_pool
+      if pool is not None:
+        pool.close()
+        pool.join()
+        with shm._lock:  # later frees (none are expected) unlink at once
+          shm._del_thread_pool = shm._outstanding_del_requests = None
+    except (ImportError, AttributeError):
+      pass
+
+
 class Source:
   """Base of the finite sources: subclasses set `num_examples` and implement `_examples`."""
 
@@ -102,7 +134,11 @@ class Source:
         flags.FLAGS.mark_as_parsed()   # (a library user, a test) their defaults are what we want
       dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=self.workers, per_worker_buffer_size=self.prefetch))
-    return iter(dataset)
+      # Workers hand batches over in shared memory that is unlinked when the array is freed;
+      # a copy frees it at once instead of whenever the consumer lets go (or at exit, where the
+      # resource tracker would warn about every block still open).
+      dataset = dataset.map(_copy_out)
+    return _Batches(iter(dataset))
 
   def _positions(self, step: int) -> np.ndarray:
     return step * self.global_batch + np.arange(self.rows.start, self.rows.stop)

@@ -19,6 +19,7 @@ import io
 import math
 
 import numpy as np
+from PIL import Image
 
 from input import common
 from input import records as records_lib
@@ -70,7 +71,6 @@ class ImageRecords(common.Source):
 
   def preprocess(self, encoded: bytes, rng: np.random.Generator | None = None) -> np.ndarray:
     """Encoded image -> float32 [S, S, 3] in [-1, 1]; deterministic where rng is None."""
-    from PIL import Image  # Decoding is the only user of PIL here.
     size = self.image_size
     image = Image.open(io.BytesIO(encoded))
     width, height = image.size

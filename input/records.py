@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import threading
 
 BUILD_TOOL = 'python tools/build_dataset.py'
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
@@ -67,7 +68,9 @@ def _version_key(version: str) -> tuple:
 class TFDSRecords:
   """One split of a prepared TFDS dataset, read by index with the named features left encoded.
 
-  Picklable (Grain's worker processes get a copy) and opened lazily in each process.
+  Picklable (Grain's worker processes get a copy) and opened lazily in each process, under a
+  lock: Grain's reader threads would otherwise import tfds concurrently, which deadlocks in its
+  lazy imports (seen with 8 worker processes, once in about ten runs).
   """
 
   def __init__(self, name: str, split: str, data_dir: str | None = None,
@@ -75,7 +78,7 @@ class TFDSRecords:
     self.name, self.split = name, split
     self.directory = str(prepared_dir(name, data_dir))
     self.raw_features = raw_features
-    self._source = None
+    self._source, self._lock = None, threading.Lock()
     info = self._open_builder().info
     if split not in info.splits:
       raise FileNotFoundError(f'dataset {name!r} in {self.directory} has no split {split!r} '
@@ -88,11 +91,12 @@ class TFDSRecords:
     return tfds.builder_from_directory(self.directory)
 
   def _open(self):
-    if self._source is None:
-      import tensorflow_datasets as tfds
-      decoders = {k: tfds.decode.SkipDecoding() for k in self.raw_features}
-      self._source = self._open_builder().as_data_source(self.split, decoders=decoders)
-    return self._source
+    with self._lock:
+      if self._source is None:
+        import tensorflow_datasets as tfds
+        decoders = {k: tfds.decode.SkipDecoding() for k in self.raw_features}
+        self._source = self._open_builder().as_data_source(self.split, decoders=decoders)
+      return self._source
 
   def __len__(self):
     return self.num_examples
@@ -104,7 +108,10 @@ class TFDSRecords:
     return list(self.features[feature].names)
 
   def __getstate__(self):
-    return {**self.__dict__, '_source': None, 'features': None}
+    return {**self.__dict__, '_source': None, '_lock': None, 'features': None}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
 
 
 class FolderRecords:

@@ -320,3 +320,14 @@ def test_launch_trains_on_an_image_folder(data, tmp_path):
                          f"IMAGE_FOLDER={str(data['raw'] / 'folder')!r}"] for a in ('--set', knob)]
   out = ok(launch('--exp=ViT_S_ImageNet', f'--workdir={wd}', *sets))
   assert 'final eval: loss=' in out.stdout and 'accuracy=' in out.stdout
+
+
+def test_input_bench_measures_a_prepared_pipeline(data, capsys):
+  from tools import input_bench
+  assert input_bench.main(['--data_dir', data['data_dir'], '--only', 'imagenet_vit224',
+                           'openwebtext_1024', '--batch', '4', '--batches', '2']) == 0
+  out = capsys.readouterr().out
+  assert 'float32 matmul' in out
+  rows = [l.split('|') for l in out.splitlines() if l.startswith('| imagenet') or
+          l.startswith('| openwebtext')]
+  assert len(rows) == 2 and all(float(r[6].replace(',', '')) > 0 for r in rows), out

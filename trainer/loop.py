@@ -92,9 +92,10 @@ def train(run, workdir: str, config_text: str = '') -> dict:
       n = run.eval_data.num_eval_batches()
       n = min(n, s.eval_batches) if s.eval_batches else n
       sums = None
-      for batch in run.eval_data.iterate(0, n):
-        out = jax.device_get(eval_step(params, to_global(batch)))
-        sums = out if sums is None else jax.tree.map(np.add, sums, out)
+      with contextlib.closing(run.eval_data.iterate(0, n)) as batches:
+        for batch in batches:
+          out = jax.device_get(eval_step(params, to_global(batch)))
+          sums = out if sums is None else jax.tree.map(np.add, sums, out)
       metrics = task.finalize(sums)
       writer.scalars({f'eval/{k}': v for k, v in metrics.items()}, step)
       logging.info('step %d eval (%d batches%s): %s', step, n, ', EMA' if s.ema_decay else '',
@@ -147,7 +148,8 @@ def train(run, workdir: str, config_text: str = '') -> dict:
       timer_step, timer = step, now
       writer.scalars(values, step)
 
-    batches = run.train_data.iterate(start, s.num_steps)   # prepared ahead, in order
+    # prepared ahead, in order; closing stops Grain's threads and worker processes
+    batches = stack.enter_context(contextlib.closing(run.train_data.iterate(start, s.num_steps)))
     for step in range(start, s.num_steps):
       batch = to_global(next(batches))
       state, metrics = train_step(state, batch)
