@@ -54,9 +54,10 @@ def _copy_out(batch: dict) -> dict:
 
 
 class _Batches:
-  """What `iterate` returns with worker processes: closing it also waits for Grain's background
-  unlinking of the shared memory the workers handed over. An exit before that is done leaves
-  blocks for the resource tracker, which cleans them up but warns about each."""
+  """What `iterate` returns: closing it stops Grain's threads and worker processes, and waits for
+  Grain's background unlinking of the shared memory that workers handed over (an exit before
+  that is done leaves blocks for the resource tracker, which cleans them up but warns about
+  each)."""
 
   def __init__(self, iterator):
     self._iterator = iterator
