@@ -16,7 +16,7 @@ import pathlib
 import threading
 
 BUILD_TOOL = 'python tools/build_dataset.py'
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')  # webp: LSUN's own export
 
 # What to tell a user whose dataset is missing: where its raw files come from.
 _SOURCES = {
@@ -79,23 +79,23 @@ class TFDSRecords:
     self.directory = str(prepared_dir(name, data_dir))
     self.raw_features = raw_features
     self._source, self._lock = None, threading.Lock()
-    info = self._open_builder().info
+    import tensorflow_datasets as tfds  # needs no TensorFlow for reading
+    self._builder = tfds.builder_from_directory(self.directory)
+    info = self._builder.info
     if split not in info.splits:
       raise FileNotFoundError(f'dataset {name!r} in {self.directory} has no split {split!r} '
                               f'(it has {", ".join(sorted(info.splits))})')
     self.num_examples = info.splits[split].num_examples
     self.features = info.features
 
-  def _open_builder(self):
-    import tensorflow_datasets as tfds  # needs no TensorFlow for reading
-    return tfds.builder_from_directory(self.directory)
-
   def _open(self):
     with self._lock:
       if self._source is None:
         import tensorflow_datasets as tfds
+        if self._builder is None:   # unpickled in a worker process
+          self._builder = tfds.builder_from_directory(self.directory)
         decoders = {k: tfds.decode.SkipDecoding() for k in self.raw_features}
-        self._source = self._open_builder().as_data_source(self.split, decoders=decoders)
+        self._source = self._builder.as_data_source(self.split, decoders=decoders)
       return self._source
 
   def __len__(self):
@@ -108,7 +108,7 @@ class TFDSRecords:
     return list(self.features[feature].names)
 
   def __getstate__(self):
-    return {**self.__dict__, '_source': None, '_lock': None, 'features': None}
+    return {**self.__dict__, '_source': None, '_builder': None, '_lock': None, 'features': None}
 
   def __setstate__(self, state):
     self.__dict__.update(state, _lock=threading.Lock())

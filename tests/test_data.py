@@ -127,7 +127,7 @@ def test_augmenting_pipeline_is_deterministic_and_varies(data):
   a, b = make(seed=1).batch(3), make(seed=1).batch(3)
   assert_batches_equal(a, b)
   assert not np.array_equal(a['image'], make(seed=2).batch(3)['image'])
-  # the same example twice in one epoch-free comparison: crops differ from the center crop
+  # random crops, not the center crop
   center = imagenet(data, flip=False).batch(3)['image']
   assert not np.allclose(a['image'], center)
 

@@ -16,6 +16,7 @@ documents, so its rate is of the reader, not of a real corpus.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -25,14 +26,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-# name -> (experiment whose training source is measured, knob overrides)
+# name -> the experiment whose training source is measured
 PIPELINES = {
-    'imagenet_dit256': ('DiT_B_ImageNet256', {}),
-    'imagenet_vit224': ('ViT_B_ImageNet', {}),
-    'imagenet_vit224_augment': ('ViT_B_ImageNet_Augment', {}),
-    'celebahq256': ('DiT_B_CelebAHQ256', {}),
-    'lsun_church': ('DiT_B_LSUNChurch256', {}),
-    'openwebtext_1024': ('GPT_B_OWT', {}),
+    'imagenet_dit256': 'DiT_B_ImageNet256',
+    'imagenet_vit224': 'ViT_B_ImageNet',
+    'imagenet_vit224_augment': 'ViT_B_ImageNet_Augment',
+    'celebahq256': 'DiT_B_CelebAHQ256',
+    'lsun_church': 'DiT_B_LSUNChurch256',
+    'openwebtext_1024': 'GPT_B_OWT',
 }
 
 
@@ -53,11 +54,10 @@ def _timed(fn) -> float:
   return time.perf_counter() - start
 
 
-def build_source(exp_name: str, knobs: dict, data_dir: str, batch: int, threads: int,
-                 workers: int):
+def build_source(exp_name: str, data_dir: str, batch: int, threads: int, workers: int):
   import fiddle as fdl
   from experiments import base
-  overrides = {**knobs, 'GLOBAL_BATCH': batch, 'DATA_DIR': data_dir, 'DATA_THREADS': threads,
+  overrides = {'GLOBAL_BATCH': batch, 'DATA_DIR': data_dir, 'DATA_THREADS': threads,
                'DATA_WORKERS': workers}
   exp_cls = base.get(exp_name)
   overrides = [f'{k}={v!r}' for k, v in overrides.items() if k in exp_cls.knobs()]
@@ -69,13 +69,12 @@ def build_source(exp_name: str, knobs: dict, data_dir: str, batch: int, threads:
 
 def measure(source, batches: int) -> float:
   """examples/s of `batches` batches from iterate(), after one warm-up batch."""
-  it = source.iterate(0, batches + 1)
-  next(it)
-  start = time.perf_counter()
-  for _ in range(batches):
+  with contextlib.closing(source.iterate(0, batches + 1)) as it:
     next(it)
-  seconds = time.perf_counter() - start
-  del it
+    start = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    seconds = time.perf_counter() - start
   return batches * source.local_batch / seconds
 
 
@@ -117,11 +116,11 @@ def main(argv=None) -> int:
     print('\n| pipeline | experiment | threads | workers | batch | examples/s |')
     print('| --- | --- | ---: | ---: | ---: | ---: |')
     for name in args.only or PIPELINES:
-      exp_name, knobs = PIPELINES[name]
+      exp_name = PIPELINES[name]
       for workers in args.workers:
         for threads in args.threads:
           try:
-            source = build_source(exp_name, knobs, data_dir, args.batch, threads, workers)
+            source = build_source(exp_name, data_dir, args.batch, threads, workers)
             rate = f'{measure(source, args.batches):,.0f}'
           except FileNotFoundError as e:
             rate = f'not prepared ({str(e).splitlines()[0][:60]}...)'

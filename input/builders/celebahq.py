@@ -21,9 +21,11 @@ from typing import Iterator
 
 import tensorflow_datasets as tfds
 
+from input.images import center_square
+from input.records import IMAGE_SUFFIXES
+
 HF_ID = 'korexyz/celeba-hq-256x256'
 LABELS = ('female', 'male')
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.webp')  # webp: what LSUN's lmdb export writes
 JPEG_QUALITY = 95
 
 
@@ -36,12 +38,9 @@ def square_resize(image, size: int, resample=None):
   if resample is None:
     resample = Image.Resampling.BICUBIC
   image = image.convert('RGB')
-  width, height = image.size
-  side = min(width, height)
-  left, top = (width - side) // 2, (height - side) // 2
-  if (width, height) == (size, size):
+  if image.size == (size, size):
     return image
-  return image.resize((size, size), resample, box=(left, top, left + side, top + side))
+  return image.resize((size, size), resample, box=center_square(*image.size))
 
 
 def encode(image, encoding_format: str) -> bytes:

@@ -19,6 +19,7 @@ from typing import Iterator
 import tensorflow_datasets as tfds
 
 from input.builders import celebahq
+from input.records import IMAGE_SUFFIXES
 
 HF_ID = 'tglcourse/lsun_church_train'
 SIZE = 256
@@ -34,7 +35,7 @@ def local_splits(root: pathlib.Path) -> dict[str, list[pathlib.Path]]:
     splits = {'train': celebahq.image_files(root)}
   for split, files in splits.items():
     if not files:
-      raise FileNotFoundError(f'LSUN source {root}: no {"/".join(celebahq.IMAGE_SUFFIXES)} '
+      raise FileNotFoundError(f'LSUN source {root}: no {"/".join(IMAGE_SUFFIXES)} '
                               f'images for the {split} split')
   return splits
 
