@@ -101,9 +101,12 @@ def main(argv):
   import jax
   from trainer import loop
   try:
-    run = fdl.build(cfg)        # data sources load here: a missing dataset fails before any write
-  except ValueError as e:       # a constructor rejected a value (NUM_CLASSES vs the data, ...)
-    raise base.ConfigError(str(e)) from None
+    run = fdl.build(cfg)        # data and VAE load here: a missing one fails before any write
+  except (ValueError, FileNotFoundError) as e:
+    e = getattr(e, 'proxy_base_exception', e)   # without the Fiddle context it appends
+    if isinstance(e, ValueError):   # a constructor rejected a value (NUM_CLASSES vs the data, ...)
+      raise base.ConfigError(str(e)) from None
+    raise e from None
   workdir = os.path.abspath(FLAGS.workdir)
   text = config_text(cfg)
   if jax.process_index() == 0:

@@ -58,6 +58,7 @@ class RunConfig:
   eval_data: Any
   optimizer: Any
   loop: LoopSettings
+  codec: Any = None                # a frozen model between images and the model (a VAE)
 
 
 class Experiment:
@@ -109,6 +110,10 @@ class Experiment:
   def eval_data(self) -> fdl.Config:
     raise NotImplementedError
 
+  def codec(self) -> fdl.Config | None:
+    """A frozen network the model sees the data through (the VAE of a latent DiT), or None."""
+    return None
+
   def flops_per_example(self) -> int:
     return 0
 
@@ -145,7 +150,7 @@ class Experiment:
     self.validate()
     return fdl.Config(RunConfig, model=self.model(), task=self.task(),
                       train_data=self.train_data(), eval_data=self.eval_data(),
-                      optimizer=self.optimizer(), loop=self.loop())
+                      optimizer=self.optimizer(), loop=self.loop(), codec=self.codec())
 
   @classmethod
   def knobs(cls) -> dict[str, Any]:
@@ -154,7 +159,7 @@ class Experiment:
 
 # -- lookup ---------------------------------------------------------------------------------------
 def _import_experiment_modules() -> None:
-  for name in ('experiments.dit', 'experiments.vit', 'experiments.gpt'):
+  for name in ('experiments.dit', 'experiments.vit', 'experiments.gpt', 'experiments.vae'):
     importlib.import_module(name)
 
 

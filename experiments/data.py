@@ -32,6 +32,8 @@ class FashionMNISTData(Experiment, abstract=True):
   CHANNELS = 1
   NUM_CLASSES = 10
   FASHION_MNIST_DIR = None
+  TRAIN_SPLIT = 'train'
+  EVAL_SPLIT = 'test'
 
   def validate(self):
     super().validate()
@@ -45,10 +47,10 @@ class FashionMNISTData(Experiment, abstract=True):
                       data_dir=self.FASHION_MNIST_DIR)
 
   def train_data(self):
-    return self._source('train', True)
+    return self._source(self.TRAIN_SPLIT, True)
 
   def eval_data(self):
-    return self._source('test', False)
+    return self._source(self.EVAL_SPLIT, False)
 
 
 class TFDSImageData(Experiment, abstract=True):

@@ -5,13 +5,28 @@ import fiddle as fdl
 
 from experiments import data
 from experiments.base import ConfigError, Experiment
+from input.latents import LatentRecords
 from models import dit
+from models import vae
 from tasks.diffusion import FlowMatching
 
 
 class DiT(Experiment, abstract=True):
-  """The family: model and objective. Data mixins set IMAGE_SIZE, CHANNELS, NUM_CLASSES."""
+  """The family: model and objective. Data mixins set IMAGE_SIZE, CHANNELS, NUM_CLASSES.
+
+  With USE_VAE the DiT works on the latents of a frozen VAE (diffusers' AutoencoderKL format, see
+  models/vae.py): each step encodes its images and draws a posterior sample (or, with
+  LATENTS_DIR, reads posterior moments that tools/encode_latents.py stored once), and sample
+  grids are decoded back to pixels. IMAGE_SIZE stays the pixel size; the DiT sees
+  IMAGE_SIZE / VAE_DOWNSAMPLE squared latents with LATENT_CHANNELS channels.
+  """
   PATCH = 2
+  USE_VAE = False
+  VAE_PATH = 'stabilityai/sd-vae-ft-ema'  # a diffusers AutoencoderKL directory, or a hub id
+  VAE_DOWNSAMPLE = 8               # image size / latent size of that VAE
+  LATENT_CHANNELS = 4
+  LATENTS_DIR = None               # pre-encoded latents (tools/encode_latents.py) to read instead
+  VAE_HINT = ''                    # added to the error when the VAE is missing: how to get it
   LR = 1e-4
   WARMUP = 0
   GRAD_CLIP = 0.0
@@ -24,25 +39,61 @@ class DiT(Experiment, abstract=True):
 
   def validate(self):
     super().validate()
-    if self.IMAGE_SIZE % self.PATCH:
-      raise ConfigError(f'IMAGE_SIZE={self.IMAGE_SIZE} is not divisible by PATCH={self.PATCH}')
+    if self.USE_VAE and self.IMAGE_SIZE % self.VAE_DOWNSAMPLE:
+      raise ConfigError(f'IMAGE_SIZE={self.IMAGE_SIZE} is not divisible by '
+                        f'VAE_DOWNSAMPLE={self.VAE_DOWNSAMPLE}')
+    size, _ = self.input_shape()
+    if size % self.PATCH:
+      what = 'latent size' if self.USE_VAE else 'IMAGE_SIZE'
+      raise ConfigError(f'{what}={size} is not divisible by PATCH={self.PATCH}')
+    if self.LATENTS_DIR and not self.USE_VAE:
+      raise ConfigError('LATENTS_DIR needs USE_VAE=True (the VAE decodes the samples)')
+
+  def input_shape(self) -> tuple[int, int]:
+    """(size, channels) of what the DiT sees: the images, or their latents."""
+    if self.USE_VAE:
+      return self.IMAGE_SIZE // self.VAE_DOWNSAMPLE, self.LATENT_CHANNELS
+    return self.IMAGE_SIZE, self.CHANNELS
+
+  def codec(self):
+    if not self.USE_VAE:
+      return None
+    return fdl.Config(vae.PretrainedVAE, path=self.VAE_PATH, dtype=self.DTYPE,
+                      downsample=self.VAE_DOWNSAMPLE, latent_channels=self.LATENT_CHANNELS,
+                      missing_hint=self.VAE_HINT)
+
+  def config(self):
+    cfg = super().config()
+    if self.LATENTS_DIR:   # the pre-encoded latents replace whatever source the data mixin set
+      size, channels = self.input_shape()
+      for name, split, train in (('train_data', getattr(self, 'TRAIN_SPLIT', 'train'), True),
+                                 ('eval_data', getattr(self, 'EVAL_SPLIT', 'test'), False)):
+        setattr(cfg, name, fdl.Config(
+            LatentRecords, global_batch=self.GLOBAL_BATCH, directory=self.LATENTS_DIR,
+            split=split, latent_size=size, latent_channels=channels, train=train,
+            flip=getattr(self, 'FLIP', True), seed=self.SEED))
+    return cfg
 
   def model(self):
-    return fdl.Config(dit.DiT, image_size=self.IMAGE_SIZE, channels=self.CHANNELS,
+    size, channels = self.input_shape()
+    return fdl.Config(dit.DiT, image_size=size, channels=channels,
                       patch=self.PATCH, hidden=self.HIDDEN, depth=self.DEPTH, heads=self.HEADS,
                       num_classes=self.NUM_CLASSES, mlp_ratio=self.MLP_RATIO,
                       attention_impl=self.ATTENTION_IMPL, remat=self.REMAT, dtype=self.DTYPE)
 
   def task(self):
-    return fdl.Config(FlowMatching, num_classes=self.NUM_CLASSES, image_size=self.IMAGE_SIZE,
-                      channels=self.CHANNELS, denoise_timesteps=self.DENOISE_STEPS,
+    size, channels = self.input_shape()
+    return fdl.Config(FlowMatching, num_classes=self.NUM_CLASSES, image_size=size,
+                      channels=channels, denoise_timesteps=self.DENOISE_STEPS,
                       class_dropout_prob=self.CLASS_DROPOUT, cfg_scale=self.CFG_SCALE,
                       sample_classes=min(self.SAMPLE_CLASSES, self.NUM_CLASSES),
                       samples_per_class=self.SAMPLES_PER_CLASS)
 
   def flops_per_example(self):
-    return dit.flops_per_example(self.IMAGE_SIZE, self.CHANNELS, self.PATCH, self.HIDDEN,
-                                 self.DEPTH, self.MLP_RATIO)
+    """The DiT's own FLOPs; a frozen VAE's encoding is not counted (MFU is the model's)."""
+    size, channels = self.input_shape()
+    return dit.flops_per_example(size, channels, self.PATCH, self.HIDDEN, self.DEPTH,
+                                 self.MLP_RATIO)
 
 
 class DiT_T_FashionMNIST(data.FashionMNISTData, DiT):
@@ -66,6 +117,20 @@ class DiT_T_FashionMNIST(data.FashionMNISTData, DiT):
   SAMPLES_PER_CLASS = 8
 
 
+class DiT_T_FashionMNIST_Latent(DiT_T_FashionMNIST):
+  """The main job on latents: DiT-T/1 on the 7x7x4 latents of a VAE trained here (the same 49
+  tokens as DiT_T_FashionMNIST's 28x28 pixels in 4x4 patches). First `python tools/train_vae.py`
+  (VAE_T_FashionMNIST, about 4 minutes on 2 CPU cores, written to workdirs/vae_t_fmnist/diffusers),
+  then `python launch.py --exp=DiT_T_FashionMNIST_Latent --workdir=workdirs/dit_t_fmnist_latent`.
+  Sample grids are decoded to pixels; docs/RESULTS.md compares it with the pixel run."""
+  USE_VAE = True
+  VAE_PATH = 'workdirs/vae_t_fmnist/diffusers'
+  VAE_HINT = 'python tools/train_vae.py trains it and writes it there (about 4 CPU minutes)'
+  VAE_DOWNSAMPLE = 4
+  LATENT_CHANNELS = 4
+  PATCH = 1
+
+
 class DiT_T_Synthetic(data.SyntheticImageData, DiT):
   """Tiny DiT on synthetic 16x16x3 images, for tests and smoke runs: `python launch.py
   --exp=DiT_T_Synthetic --workdir=workdirs/dit`. About 20 s on a CPU; a smoke test, not a
@@ -85,14 +150,18 @@ class DiT_T_Synthetic(data.SyntheticImageData, DiT):
 
 
 class DiT_S_ImageNet256(data.ImageNet256Data, DiT):
-  """DiT-S/16 on ImageNet 256x256 pixels (33M params): prepare the data once with `python
-  tools/build_dataset.py imagenet2012 --data_dir=D --source=M` (M holds ILSVRC2012_img_train.tar
-  and ILSVRC2012_img_val.tar), then `python launch.py --exp=DiT_S_ImageNet256 --workdir=W --set
-  DATA_DIR=D`. Pixels with patch 16 give the 256 tokens that the paper's /2 models see on
-  32x32x4 VAE latents, so the step costs the same; the paper's FID-50K (68.4 for S/2 after 400K
-  steps of batch 256) is for latents, and no pixel-space run has been measured here."""
+  """DiT-S/2 on ImageNet 256x256 as the paper trains it, on the 32x32x4 latents of the Stable
+  Diffusion VAE (33M params). Prepare the data once with `python tools/build_dataset.py
+  imagenet2012 --data_dir=D --source=M` (M holds ILSVRC2012_img_train.tar and
+  ILSVRC2012_img_val.tar) and fetch the VAE on a machine that is online (`hf download
+  stabilityai/sd-vae-ft-ema config.json diffusion_pytorch_model.safetensors --local-dir V`), then
+  `python launch.py --exp=DiT_S_ImageNet256 --workdir=W --set DATA_DIR=D --set VAE_PATH=V`.
+  Each step encodes its images (add `--set LATENTS_DIR=L` to read latents that
+  tools/encode_latents.py stored once). Paper: FID-50K 68.4 after 400K steps of batch 256;
+  `--set USE_VAE=False --set PATCH=16` trains on pixels at the same token count instead."""
   HIDDEN, DEPTH, HEADS = dit.SIZES['S']
-  PATCH = 16
+  USE_VAE = True
+  PATCH = 2
   GLOBAL_BATCH = 256
   NUM_STEPS = 400_000
   LOG_EVERY = 100
@@ -103,31 +172,32 @@ class DiT_S_ImageNet256(data.ImageNet256Data, DiT):
 
 
 class DiT_B_ImageNet256(DiT_S_ImageNet256):
-  """DiT-B/16 on ImageNet 256 pixels (131M params): `python launch.py --exp=DiT_B_ImageNet256
-  --workdir=W --set DATA_DIR=D` after preparing imagenet2012 (see DiT_S_ImageNet256). Paper,
-  on latents: FID-50K 43.5 after 400K steps; about 10 hours on one H200 (scaled by FLOPs from
-  DiT-XL's measured rate)."""
+  """DiT-B/2 on ImageNet 256 latents (130M params): `python launch.py --exp=DiT_B_ImageNet256
+  --workdir=W --set DATA_DIR=D --set VAE_PATH=V` after preparing imagenet2012 and the VAE (see
+  DiT_S_ImageNet256). Paper: FID-50K 43.5 after 400K steps; about 10 hours on one H200 for the
+  DiT alone (scaled by FLOPs from DiT-XL's measured rate; in-step encoding adds to that, see
+  docs/PERFORMANCE.md)."""
   HIDDEN, DEPTH, HEADS = dit.SIZES['B']
 
 
 class DiT_B_ImageNet(DiT_B_ImageNet256):
   """Same as DiT_B_ImageNet256, the name the docs use: `python launch.py --exp=DiT_B_ImageNet
-  --workdir=W --set DATA_DIR=D` after preparing imagenet2012 (see DiT_S_ImageNet256)."""
+  --workdir=W --set DATA_DIR=D --set VAE_PATH=V` (see DiT_S_ImageNet256)."""
 
 
 class DiT_L_ImageNet256(DiT_S_ImageNet256):
-  """DiT-L/16 on ImageNet 256 pixels (459M params): `python launch.py --exp=DiT_L_ImageNet256
-  --workdir=W --set DATA_DIR=D` after preparing imagenet2012 (see DiT_S_ImageNet256). Paper,
-  on latents: FID-50K 23.3 after 400K steps; about 33 hours on one H200 (FLOPs estimate)."""
+  """DiT-L/2 on ImageNet 256 latents (458M params): `python launch.py --exp=DiT_L_ImageNet256
+  --workdir=W --set DATA_DIR=D --set VAE_PATH=V` (see DiT_S_ImageNet256). Paper: FID-50K 23.3
+  after 400K steps; about 33 hours on one H200 for the DiT alone (FLOPs estimate)."""
   HIDDEN, DEPTH, HEADS = dit.SIZES['L']
 
 
 class DiT_XL_ImageNet256(DiT_S_ImageNet256):
-  """DiT-XL/16 on ImageNet 256 pixels (677M params): `python launch.py --exp=DiT_XL_ImageNet256
-  --workdir=W --set DATA_DIR=D --set ATTENTION_IMPL=cudnn --set DTYPE=bfloat16` after
-  preparing imagenet2012 (see DiT_S_ImageNet256). Paper, on latents: FID-50K 19.5 after 400K
-  steps (2.27 with CFG 1.5 after 7M). One H200 ran 588 images/s at this token count
-  (docs/PERFORMANCE.md), so 400K steps of 256 take about 48 hours there."""
+  """DiT-XL/2 on ImageNet 256 latents (675M params): `python launch.py --exp=DiT_XL_ImageNet256
+  --workdir=W --set DATA_DIR=D --set VAE_PATH=V --set ATTENTION_IMPL=cudnn --set
+  DTYPE=bfloat16` (see DiT_S_ImageNet256). Paper: FID-50K 19.5 after 400K steps (2.27 with CFG
+  1.5 after 7M). One H200 ran the DiT's step at 588 images/s (docs/PERFORMANCE.md), so 400K
+  steps of 256 take about 48 hours there, plus the encoding (or use LATENTS_DIR)."""
   HIDDEN, DEPTH, HEADS = dit.SIZES['XL']
 
 

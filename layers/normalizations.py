@@ -40,3 +40,28 @@ class RMSNorm(nn.Module):
     scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(),
                                                              ('norm',)), (x.shape[-1],), jnp.float32)
     return (y * scale).astype(self.dtype)
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm over the channels (last dim) of [b, ..., c], statistics per example and group over
+  every other dim, as torch.nn.GroupNorm computes them (biased variance)."""
+  num_groups: int = 32
+  epsilon: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    if c % self.num_groups:
+      raise ValueError(f'{self.name}: {c} channels are not divisible into num_groups='
+                       f'{self.num_groups} groups')
+    x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, c // self.num_groups)
+    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+    mean = x32.mean(axes, keepdims=True)
+    var = jnp.square(x32 - mean).mean(axes, keepdims=True)
+    y = ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                             ('norm',)), (c,), jnp.float32)
+    bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                           ('norm',)), (c,), jnp.float32)
+    return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)

@@ -38,6 +38,12 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('pos', None),     # rows of a learned position table
     ('patch', None),   # flattened p*p*c pixels of a patch (patch embedding in, final layer out)
     ('freq', None),    # sinusoidal features feeding the timestep MLP
+    # Convolutions (the VAE, Inception): output channels shard like 'embed' when they are trained;
+    # a frozen network is placed replicated instead (trainer.state.place_frozen).
+    ('kernel_h', None),    # rows of a conv kernel's taps
+    ('kernel_w', None),    # columns of a conv kernel's taps
+    ('conv_in', None),     # input channels of a conv kernel
+    ('conv_out', 'fsdp'),  # output channels of a conv kernel (and its bias)
 )
 LOGICAL_AXES = frozenset(name for name, _ in DEFAULT_RULES)
 

@@ -37,7 +37,7 @@ if ROOT not in sys.path:
 # Knobs copied into the result so a table row says what ran (those an experiment lacks are left
 # out).
 REPORTED_KNOBS = ('DTYPE', 'ATTENTION_IMPL', 'REMAT', 'HIDDEN', 'DEPTH', 'HEADS', 'PATCH',
-                  'IMAGE_SIZE', 'SEQ_LEN', 'MESH')
+                  'IMAGE_SIZE', 'SEQ_LEN', 'MESH', 'USE_VAE', 'LATENTS_DIR')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--cpu_devices', type=int, default=0,
                  help='on the CPU backend, split the host into this many devices (tests FSDP)')
   p.add_argument('--seed', type=int, default=0, help='seed of the synthetic batch')
+  p.add_argument('--random_vae', action='store_true',
+                 help='with USE_VAE: a random VAE of the Stable Diffusion architecture instead '
+                      'of VAE_PATH (the step time does not depend on the weights)')
   args = p.parse_args(argv)
   if not args.summarize and not args.exp:
     p.error('--exp is required (or --summarize)')
@@ -68,13 +71,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------ synthetic batch ------------
-def batch_spec(task, model, global_batch: int) -> dict:
+def batch_spec(task, model, global_batch: int, codec=None, exp=None) -> dict:
   """{key: (shape, dtype, kind, upper bound)} of a training batch of `task`.
 
   Language tasks ('tokens' [b, seq_len + 1] int32 < vocab) are told apart from image tasks
-  ('image' [b, H, W, C] float32, 'label' [b] int32 < num_classes) by their init inputs.
+  ('image' [b, H, W, C] float32, 'label' [b] int32 < num_classes) by their init inputs. With a
+  codec (a latent DiT) the batch holds what its data source yields: pixel images of the
+  experiment's IMAGE_SIZE, or with LATENTS_DIR set, posterior 'moments' [b, h, w, 2c].
   """
   import jax.numpy as jnp
+  if codec is not None:
+    labels = ((global_batch,), jnp.int32, 'int', int(task.num_classes))
+    if getattr(exp, 'LATENTS_DIR', None):
+      shape = (global_batch, task.image_size, task.image_size, 2 * task.channels)
+      return {'moments': (shape, jnp.float32, 'normal', None), 'label': labels}
+    size, channels = exp.IMAGE_SIZE, codec.model.config.in_channels
+    return {'image': ((global_batch, size, size, channels), jnp.float32, 'normal', None),
+            'label': labels}
   first = task.init_inputs(global_batch)[0]
   if jnp.issubdtype(first.dtype, jnp.integer) and first.ndim == 2:
     vocab = getattr(model, 'vocab_size', None)
@@ -165,7 +178,7 @@ def versions() -> dict:
 
 # ------------------------------------------------------------------ the benchmark --------------
 def run_benchmark(exp_name: str, overrides=(), steps: int = 10, warmup: int = 2,
-                  seed: int = 0, log=print) -> dict:
+                  seed: int = 0, log=print, random_vae: bool = False) -> dict:
   import fiddle as fdl
   import jax
   import numpy as np
@@ -182,6 +195,11 @@ def run_benchmark(exp_name: str, overrides=(), steps: int = 10, warmup: int = 2,
   opt, s = fdl.build(cfg.optimizer), fdl.build(cfg.loop)
   tx, lr_fn = opt.tx, opt.lr
   devices = jax.devices()
+  codec = None
+  if cfg.codec is not None:   # a latent DiT: its frozen VAE runs inside the step
+    from models import vae
+    codec = (vae.PretrainedVAE.random(vae.SD_VAE_CONFIG, exp.DTYPE) if random_vae
+             else fdl.build(cfg.codec))
 
   # ---------------------------------------------------------------- mesh (trainer/state.py)
   mesh = sharding.make_mesh(s.mesh)
@@ -191,7 +209,7 @@ def run_benchmark(exp_name: str, overrides=(), steps: int = 10, warmup: int = 2,
 
   # ---------------------------------------------------------------- state (trainer/state.py)
   init_state = state_lib.make_init_state(model, task, tx, s.ema_decay)
-  train_step = state_lib.make_train_step(model, task, tx, lr_fn, s.ema_decay)
+  train_step = state_lib.make_train_step(model, task, tx, lr_fn, s.ema_decay, codec)
   key = jax.random.key(s.seed)
   state_shardings, _ = state_lib.shard_state(init_state, key, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -200,31 +218,33 @@ def run_benchmark(exp_name: str, overrides=(), steps: int = 10, warmup: int = 2,
     jax.block_until_ready(state)
     init_time = time.perf_counter() - t0
     n_params = state_lib.count_params(state.params)
-    spec = batch_spec(task, model, s.global_batch)
+    spec = batch_spec(task, model, s.global_batch, codec, exp)
     batch = make_batch(spec, jax.random.key(seed + 12345), batch_sharding)
+    frozen, frozen_shardings = state_lib.place_frozen(codec, mesh, rules)
     log(f'{exp_name}: {n_params:,} params, batch {s.global_batch}, mesh {dict(mesh.shape)} '
         f'on {len(devices)} x {devices[0].device_kind}; compiling')
 
-    step_fn = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+    step_fn = jax.jit(train_step,
+                      in_shardings=(state_shardings, batch_sharding, frozen_shardings),
                       out_shardings=(state_shardings, replicated), donate_argnums=0)
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled = step_fn.lower(state, batch, frozen).compile()
     compile_time = time.perf_counter() - t0
     log(f'compiled in {compile_time:.1f} s; {warmup} warm-up + 2 x {steps} timed steps')
 
     for _ in range(warmup):
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, batch, frozen)
     jax.block_until_ready((state, metrics) if warmup else state)
 
     times = []
     for _ in range(steps):          # each step on its own: median and spread
       t0 = time.perf_counter()
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, batch, frozen)
       jax.block_until_ready((state, metrics))
       times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     for _ in range(steps):          # back to back, one block: what the training loop sees
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, batch, frozen)
     jax.block_until_ready((state, metrics))
     pipelined = (time.perf_counter() - t0) / steps
     metrics = jax.device_get(metrics)
@@ -343,7 +363,8 @@ def main(argv=None) -> int:
     jax.config.update('jax_num_cpu_devices', args.cpu_devices)  # before any backend starts
   log = lambda msg: print(f'[benchmark] {msg}', file=sys.stderr, flush=True)
   try:
-    result = run_benchmark(args.exp, args.set, args.steps, args.warmup, args.seed, log)
+    result = run_benchmark(args.exp, args.set, args.steps, args.warmup, args.seed, log,
+                           args.random_vae)
     status = 0
   except Exception as e:  # a failed variant is a result too (OOM, bad knob): say which and why
     traceback.print_exc()

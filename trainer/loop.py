@@ -31,6 +31,7 @@ def train(run, workdir: str, config_text: str = '') -> dict:
   """Train `run` (a built RunConfig) in `workdir`; returns the last eval metrics."""
   s = run.loop
   model, task, tx, lr_fn = run.model, run.task, run.optimizer.tx, run.optimizer.lr
+  codec = run.codec       # a frozen VAE between the images and a latent model, or None
   is_main = jax.process_index() == 0
 
   # ---------------------------------------------------------------- mesh ----------------------
@@ -71,12 +72,15 @@ def train(run, workdir: str, config_text: str = '') -> dict:
                    s.seed)
 
     # -------------------------------------------------------------- steps ---------------------
-    train_step = state_lib.make_train_step(model, task, tx, lr_fn, s.ema_decay)
-    train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+    frozen, frozen_shardings = state_lib.place_frozen(codec, mesh, rules)
+    train_step = state_lib.make_train_step(model, task, tx, lr_fn, s.ema_decay, codec)
+    train_step = jax.jit(train_step,
+                         in_shardings=(state_shardings, batch_sharding, frozen_shardings),
                          out_shardings=(state_shardings, replicated), donate_argnums=0)
-    eval_step = jax.jit(lambda p, b: task.eval_step(model, p, b),
-                        in_shardings=(state_shardings.params, batch_sharding),
+    eval_step = jax.jit(state_lib.make_eval_step(model, task, codec),
+                        in_shardings=(state_shardings.params, batch_sharding, frozen_shardings),
                         out_shardings=replicated)
+    decode = jax.jit(codec.decode) if codec is not None else lambda frozen, images: images
 
     def to_global(local):
       return jax.tree.map(
@@ -94,7 +98,7 @@ def train(run, workdir: str, config_text: str = '') -> dict:
       sums = None
       with contextlib.closing(run.eval_data.iterate(0, n)) as batches:
         for batch in batches:
-          out = jax.device_get(eval_step(params, to_global(batch)))
+          out = jax.device_get(eval_step(params, to_global(batch), frozen))
           sums = out if sums is None else jax.tree.map(np.add, sums, out)
       metrics = task.finalize(sums)
       writer.scalars({f'eval/{k}': v for k, v in metrics.items()}, step)
@@ -109,7 +113,8 @@ def train(run, workdir: str, config_text: str = '') -> dict:
       out = task.samples(model, params, jax.random.fold_in(jax.random.key(s.seed), step))
       os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
       if 'images' in out:
-        images = np.asarray(multihost_utils.process_allgather(out['images'], tiled=True))
+        images = decode(frozen, out['images'])   # latents -> pixels with a codec
+        images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
         grid = image_grid(images, out['ncols'], value_range=(-1, 1))
         writer.image('samples', grid, step)
         if is_main:
@@ -152,7 +157,7 @@ def train(run, workdir: str, config_text: str = '') -> dict:
     batches = stack.enter_context(contextlib.closing(run.train_data.iterate(start, s.num_steps)))
     for step in range(start, s.num_steps):
       batch = to_global(next(batches))
-      state, metrics = train_step(state, batch)
+      state, metrics = train_step(state, batch, frozen)
       done = step + 1
       last = done == s.num_steps
       if step == start:   # keep compilation out of the timed interval

@@ -15,6 +15,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from layers import sharding
 
 
+CODEC_STREAM = 0x7AE   # folded into a step's key for the codec's draws, apart from the task's
+
+
 class TrainError(RuntimeError):
   """A setup problem the user can fix; the message says how."""
 
@@ -62,11 +65,34 @@ def initialize(init_state, key, shardings):
   return jax.jit(lambda k: nn.unbox(init_state(k)), out_shardings=shardings)(key)
 
 
-def make_train_step(model, task, tx, lr_fn, ema_decay: float):
-  """(state, batch) -> (state, metrics): one optimizer step; jit it with the state donated."""
-  def train_step(state, batch):
+def place_frozen(codec, mesh, rules=sharding.DEFAULT_RULES):
+  """(params, shardings) of a frozen codec (a VAE) on the mesh; (None, None) without a codec.
+
+  Replicated: a frozen network has no optimizer state to spread, and a full copy on each device
+  encodes that device's rows of the batch with no all-gather of weights. Its logical names are
+  still checked, so the same network can be trained sharded (tasks/autoencoding.py). Every
+  process holds the full host copy and each device takes it from there (across hosts too).
+  """
+  if codec is None:
+    return None, None
+  sharding.validate_param_axes(codec.abstract_params(), rules)
+  host = jax.tree.map(np.asarray, codec.params)
+  shardings = jax.tree.map(lambda _: NamedSharding(mesh, P()), host)
+  params = jax.tree.map(
+      lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda index: x[index]),
+      host, shardings)
+  return params, shardings
+
+
+def make_train_step(model, task, tx, lr_fn, ema_decay: float, codec=None):
+  """(state, batch, frozen) -> (state, metrics): one optimizer step; jit it with the state
+  donated. With a `codec` (a frozen VAE whose params are `frozen`), the batch's images become
+  latents first, drawn with this step's key."""
+  def train_step(state, batch, frozen=None):
     # a fresh key per step from the stored one: a resumed run draws what a straight one did
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    if codec is not None:
+      batch = codec.prepare(frozen, batch, jax.random.fold_in(rng, CODEC_STREAM))
     (loss, aux), grads = jax.value_and_grad(
         lambda p: task.loss(model, p, batch, rng), has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -79,6 +105,16 @@ def make_train_step(model, task, tx, lr_fn, ema_decay: float):
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                          ema=ema), metrics
   return train_step
+
+
+def make_eval_step(model, task, codec=None):
+  """(params, batch, frozen) -> the task's eval sums; a codec's posterior draws use a fixed key,
+  so eval losses of different checkpoints see the same latents."""
+  def eval_step(params, batch, frozen=None):
+    if codec is not None:
+      batch = codec.prepare(frozen, batch, jax.random.key(CODEC_STREAM))
+    return task.eval_step(model, params, batch)
+  return eval_step
 
 
 def count_params(params) -> int:

@@ -1,0 +1,123 @@
+"""A DiT on the latents of a (tiny, random) VAE: through launch.py with in-step encoding, through
+pre-encoded latents, and the errors when the VAE is missing."""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from input import latents as latents_lib
+from models import vae
+from tests.test_launch import launch, ok
+from trainer.summaries import read_scalars
+
+
+def tiny_vae(directory, channels):
+  """A random 2-level VAE (downsampling by 2, 4 latent channels) in diffusers' format."""
+  config = vae.VAEConfig(in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+                         norm_num_groups=4, down_block_types=(vae.DOWN_BLOCK,) * 2,
+                         up_block_types=(vae.UP_BLOCK,) * 2, scaling_factor=0.5)
+  model = vae.AutoencoderKL(config)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, channels)))['params']
+  vae.save_pretrained(str(directory), config, jax.device_get(params))
+  return str(directory)
+
+
+LATENT = ['--set', 'USE_VAE=True', '--set', 'VAE_DOWNSAMPLE=2', '--set', 'LATENT_CHANNELS=4']
+
+
+def test_latent_dit_trains_and_samples_pixels_through_launch(tmp_path):
+  path = tiny_vae(tmp_path / 'vae', 3)
+  wd = str(tmp_path / 'wd')
+  # 16x16x3 images -> 8x8x4 latents, patch 2: 16 tokens
+  out = ok(launch('--exp=DiT_T_Synthetic', f'--workdir={wd}', *LATENT, '--set',
+                  f'VAE_PATH={path}', '--set', 'PATCH=2', '--set', 'NUM_STEPS=4', '--set',
+                  'LOG_EVERY=2', '--set', 'CKPT_EVERY=4', '--set', 'SAMPLES_PER_CLASS=1',
+                  '--set', 'DENOISE_STEPS=2', devices=2))
+  assert 'final eval: loss=' in out.stdout
+  scalars = read_scalars(os.path.join(wd, 'tensorboard'))
+  assert np.isfinite([v for _, v in scalars['learning/loss']]).all()
+  assert os.path.isdir(os.path.join(wd, 'checkpoints', '4', 'state'))
+  from PIL import Image
+  grid = np.asarray(Image.open(os.path.join(wd, 'samples', 'step_4.png')))
+  # 10 classes x 1 sample of decoded 16x16 RGB images (2-pixel borders), not 8x8 latents
+  assert grid.shape[2] == 3 and grid.shape[0] % 16 < 16 and grid.shape[0] >= 16
+  assert grid.shape[0] >= 10 * 16 or grid.shape[1] >= 10 * 16
+
+
+def test_prepare_encodes_images_or_samples_stored_moments(tmp_path):
+  codec = vae.PretrainedVAE(tiny_vae(tmp_path, 3), downsample=2, latent_channels=4)
+  images = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3), minval=-1, maxval=1)
+  key = jax.random.key(2)
+  encoded = codec.prepare(codec.params, {'image': images, 'label': jnp.arange(4)}, key)
+  mean, logvar = codec.encode(codec.params, images)
+  expected = vae.sample_posterior(mean, logvar, key) * 0.5
+  np.testing.assert_allclose(encoded['image'], expected, atol=1e-6)
+  stored = codec.prepare(codec.params, {'moments': jnp.concatenate([mean, logvar], -1),
+                                        'label': jnp.arange(4)}, key)
+  assert 'moments' not in stored
+  np.testing.assert_allclose(stored['image'], expected, atol=1e-6)
+  np.testing.assert_allclose(codec.decode(codec.params, encoded['image']),
+                             codec.model.apply({'params': codec.params},
+                                               encoded['image'] / 0.5, method='decode'),
+                             atol=1e-6)
+
+
+def test_encode_latents_then_train_on_them(tmp_path):
+  from input.fashion_mnist import FashionMNIST
+  from tools import encode_latents
+  path = tiny_vae(tmp_path / 'vae', 1)
+  out = str(tmp_path / 'latents')
+  knobs = ['USE_VAE=True', f'VAE_PATH={path}', 'VAE_DOWNSAMPLE=2', 'LATENT_CHANNELS=4',
+           'PATCH=2']
+  args = ['--exp=DiT_T_FashionMNIST', f'--out={out}', '--limit=10', '--batch=8']
+  for k in knobs:
+    args += ['--set', k]
+  assert encode_latents.main(args) == 0
+
+  meta = latents_lib.read_meta(out)
+  assert meta['splits']['train']['num_examples'] == 10
+  assert meta['splits']['test']['num_examples'] == 10
+  assert (meta['latent_size'], meta['latent_channels']) == (14, 4)
+  # what was stored is the encoding of the images in order, and of their mirror images
+  codec = vae.PretrainedVAE(path, downsample=2, latent_channels=4)
+  images = FashionMNIST(10, 'test', train=False).batch(0)
+  source = latents_lib.LatentRecords(5, out, 'test', 14, 4, train=False)
+  got = np.concatenate([source.batch(0)['moments'], source.batch(1)['moments']])
+  assert source.batch(1)['label'].tolist() == images['label'][5:].tolist()
+  mean, logvar = codec.encode(codec.params, images['image'])
+  np.testing.assert_allclose(got, np.concatenate([mean, logvar], -1), atol=2e-3, rtol=2e-3)
+  records = source.read(np.arange(10))
+  mirrored = codec.encode(codec.params, images['image'][:, :, ::-1])
+  np.testing.assert_allclose(np.stack([m[1] for _, m in records]).astype(np.float32),
+                             np.concatenate(mirrored, -1), atol=2e-3, rtol=2e-3)
+  # training picks either copy per row, deterministically
+  train = latents_lib.LatentRecords(8, out, 'train', 14, 4, train=True, seed=3)
+  np.testing.assert_array_equal(train.batch(5)['moments'], train.batch(5)['moments'])
+
+  wd = str(tmp_path / 'wd')
+  sets = []
+  for k in knobs + [f'LATENTS_DIR={out}', 'NUM_STEPS=3', 'GLOBAL_BATCH=4', 'EVAL_BATCHES=1',
+                    'CKPT_EVERY=3', 'SAMPLES_PER_CLASS=1', 'DENOISE_STEPS=2']:
+    sets += ['--set', k]
+  result = ok(launch('--exp=DiT_T_FashionMNIST', f'--workdir={wd}', *sets))
+  assert 'final eval: loss=' in result.stdout
+
+
+def test_missing_vae_fails_at_once_naming_where_it_looked(tmp_path):
+  wd = tmp_path / 'wd'
+  result = launch('--exp=DiT_T_FashionMNIST_Latent', f'--workdir={wd}', '--set',
+                  f'VAE_PATH={tmp_path / "nothing"}')
+  assert result.returncode == 1
+  lines = result.stderr.strip().splitlines()
+  assert lines[-1].startswith('launch.py: error: FileNotFoundError: no VAE directory '), lines
+  assert 'python tools/train_vae.py' in lines[-1]
+  assert not wd.exists()
+
+
+def test_vae_that_does_not_fit_the_experiment_is_named(tmp_path):
+  path = tiny_vae(tmp_path / 'vae', 1)
+  with pytest.raises(ValueError, match='downsamples by 2 to 4 latent channels, but the '
+                     'experiment expects VAE_DOWNSAMPLE=8'):
+    vae.PretrainedVAE(path, downsample=8, latent_channels=4)
