@@ -205,3 +205,21 @@ def test_sd_vae_layout_is_diffusers_tensor_for_tensor():
     ours[vae.diffusers_key(tuple(p.key for p in path))] = torch_shape
   assert ours == ref_shapes
   assert sum(int(np.prod(s)) for s in ours.values()) == 83_653_863
+
+
+def test_train_vae_writes_a_vae_that_diffusers_and_we_load(tmp_path):
+  from tools import train_vae
+  out = tmp_path / 'out'
+  assert train_vae.main([f'--workdir={tmp_path / "wd"}', f'--out={out}', '--set', 'NUM_STEPS=2',
+                         '--set', 'EVAL_BATCHES=1', '--set', 'CKPT_EVERY=2', '--set',
+                         'BLOCK_OUT_CHANNELS=(8, 16, 16)', '--set', 'NORM_GROUPS=4',
+                         '--scale_batches=1', '--eval_batches=1']) == 0
+  report = json.loads((out / 'metrics.json').read_text())
+  assert report['step'] == 2 and report['eval_split_examples'] == 32
+  model, params = vae.from_pretrained(str(out))
+  assert model.config.scaling_factor == pytest.approx(1 / report['latent_std'], rel=1e-3)
+  assert (model.config.in_channels, model.config.downsample) == (1, 4)
+  ref = diffusers.AutoencoderKL.from_pretrained(str(out)).eval()
+  images = np.random.default_rng(0).uniform(-1, 1, (2, 28, 28, 1)).astype(np.float32)
+  mean, _ = model.apply({'params': params}, images, method='encode')
+  np.testing.assert_allclose(np.asarray(mean), torch_encode(ref, images)[0], rtol=0, atol=TOL)

@@ -35,6 +35,8 @@ def parse_args(argv=None):
   p.add_argument('--set', action='append', default=[], help='KNOB=VALUE, as launch.py --set')
   p.add_argument('--scale_batches', type=int, default=16,
                  help='training batches whose latents set scaling_factor')
+  p.add_argument('--eval_batches', type=int, default=0,
+                 help='eval batches the saved model is measured on (0: the whole split)')
   return p.parse_args(argv)
 
 
@@ -92,7 +94,8 @@ def main(argv=None) -> int:
   model, loaded = vae.from_pretrained(out)
   eval_step = jax.jit(lambda p, b: run.task.eval_step(model, p, b))
   sums = None
-  for i in range(run.eval_data.num_eval_batches()):
+  n = run.eval_data.num_eval_batches()
+  for i in range(min(n, args.eval_batches) if args.eval_batches else n):
     o = jax.device_get(eval_step(loaded, run.eval_data.batch(i)))
     sums = o if sums is None else jax.tree.map(lambda a, b: a + b, sums, o)
   metrics = run.task.finalize(sums)
