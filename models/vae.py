@@ -43,8 +43,10 @@ LOGVAR_RANGE = (-30.0, 20.0)     # diffusers clamps the posterior's log-variance
 
 DOWN_BLOCK = 'DownEncoderBlock2D'
 UP_BLOCK = 'UpDecoderBlock2D'
-ACTIVATIONS = {'silu': nn.silu, 'swish': nn.silu, 'relu': nn.relu, 'mish': lambda x: x * jnp.tanh(
-    nn.softplus(x)), 'gelu': lambda x: nn.gelu(x, approximate=False)}
+# diffusers' get_activation names; its GELU is torch's exact (erf) one
+ACTIVATIONS = {'silu': nn.silu, 'swish': nn.silu, 'relu': nn.relu,
+               'mish': lambda x: x * jnp.tanh(nn.softplus(x)),
+               'gelu': lambda x: nn.gelu(x, approximate=False)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -458,8 +460,8 @@ class PretrainedVAE:
     self.path = f'<random {config.block_out_channels}>'
     self.model = AutoencoderKL(config, jnp.dtype(dtype))
     size = config.downsample * 4
-    self.params = nn.unbox(self.model.init(jax.random.key(seed),
-                                           jnp.zeros((1, size, size, config.in_channels))))
+    self.params = nn.unbox(jax.jit(self.model.init)(  # eager init takes minutes op by op
+        jax.random.key(seed), jnp.zeros((1, size, size, config.in_channels))))
     self.params = self.params['params']
     self._set_scaling()
     return self

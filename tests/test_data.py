@@ -298,14 +298,18 @@ TINY = ['HIDDEN=32', 'DEPTH=1', 'HEADS=2', 'GLOBAL_BATCH=4', 'NUM_STEPS=3', 'LOG
 
 
 @pytest.mark.parametrize('exp, extra', [
-    ('DiT_S_ImageNet256', ['IMAGE_SIZE=32', 'PATCH=8', 'DENOISE_STEPS=2', 'SAMPLE_CLASSES=2',
-                           'SAMPLES_PER_CLASS=1']),
+    # on the latents of a tiny random VAE (32x32 images -> 16x16x4), as the ImageNet DiTs train
+    ('DiT_S_ImageNet256', ['IMAGE_SIZE=32', 'VAE_DOWNSAMPLE=2', 'PATCH=4', 'DENOISE_STEPS=2',
+                           'SAMPLE_CLASSES=2', 'SAMPLES_PER_CLASS=1']),
     ('ViT_B_ImageNet_Augment', ['IMAGE_SIZE=32', 'PATCH=8', 'DATA_WORKERS=1']),
     ('GPT_S_OWT', ['SEQ_LEN=64', 'SAMPLE_TOKENS=4']),
     ('DiT_B_LSUNChurch256', ['IMAGE_SIZE=32', 'PATCH=8', 'DENOISE_STEPS=2']),
 ])
 def test_launch_trains_on_the_prepared_standins(data, tmp_path, exp, extra):
   wd = str(tmp_path / 'wd')
+  if exp.startswith('DiT_S'):
+    from tests.test_latent_dit import tiny_vae
+    extra = [*extra, f'VAE_PATH={tiny_vae(tmp_path / "vae", 3)!r}']
   sets = [a for knob in [*TINY, *extra, f'DATA_DIR={data["data_dir"]!r}'] for a in ('--set', knob)]
   out = ok(launch(f'--exp={exp}', f'--workdir={wd}', *sets))
   assert 'final eval: loss=' in out.stdout

@@ -13,14 +13,29 @@ from tests.test_launch import launch, ok
 from trainer.summaries import read_scalars
 
 
+def random_params(model, seed=0):
+  """Random weights in the shapes of `model`'s params, drawn by NumPy: compiling Flax's init
+  of even a tiny VAE takes XLA's CPU backend about 15 s."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == 'kernel':
+      fan_in = int(np.prod(leaf.shape[:-1]))
+      return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+    base = 1.0 if name == 'scale' else 0.0
+    return (base + 0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+  from flax import linen as nn
+  return jax.tree_util.tree_map_with_path(draw, nn.unbox(vae.abstract_params(model)))
+
+
 def tiny_vae(directory, channels):
   """A random 2-level VAE (downsampling by 2, 4 latent channels) in diffusers' format."""
   config = vae.VAEConfig(in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
                          norm_num_groups=4, down_block_types=(vae.DOWN_BLOCK,) * 2,
                          up_block_types=(vae.UP_BLOCK,) * 2, scaling_factor=0.5)
-  model = vae.AutoencoderKL(config)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, channels)))['params']
-  vae.save_pretrained(str(directory), config, jax.device_get(params))
+  vae.save_pretrained(str(directory), config, random_params(vae.AutoencoderKL(config)))
   return str(directory)
 
 
@@ -49,18 +64,18 @@ def test_prepare_encodes_images_or_samples_stored_moments(tmp_path):
   codec = vae.PretrainedVAE(tiny_vae(tmp_path, 3), downsample=2, latent_channels=4)
   images = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3), minval=-1, maxval=1)
   key = jax.random.key(2)
-  encoded = codec.prepare(codec.params, {'image': images, 'label': jnp.arange(4)}, key)
-  mean, logvar = codec.encode(codec.params, images)
+  prepare, encode = jax.jit(codec.prepare), jax.jit(codec.encode)
+  encoded = prepare(codec.params, {'image': images, 'label': jnp.arange(4)}, key)
+  mean, logvar = encode(codec.params, images)
   expected = vae.sample_posterior(mean, logvar, key) * 0.5
   np.testing.assert_allclose(encoded['image'], expected, atol=1e-6)
-  stored = codec.prepare(codec.params, {'moments': jnp.concatenate([mean, logvar], -1),
-                                        'label': jnp.arange(4)}, key)
+  stored = prepare(codec.params, {'moments': jnp.concatenate([mean, logvar], -1),
+                                  'label': jnp.arange(4)}, key)
   assert 'moments' not in stored
   np.testing.assert_allclose(stored['image'], expected, atol=1e-6)
-  np.testing.assert_allclose(codec.decode(codec.params, encoded['image']),
-                             codec.model.apply({'params': codec.params},
-                                               encoded['image'] / 0.5, method='decode'),
-                             atol=1e-6)
+  decode = jax.jit(lambda p, z: codec.model.apply({'params': p}, z, method='decode'))
+  np.testing.assert_allclose(jax.jit(codec.decode)(codec.params, encoded['image']),
+                             decode(codec.params, encoded['image'] / 0.5), atol=1e-6)
 
 
 def test_encode_latents_then_train_on_them(tmp_path):

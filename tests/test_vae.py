@@ -105,13 +105,10 @@ def test_our_vae_saves_in_the_format_diffusers_loads(tmp_path):
   config = vae.VAEConfig(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
                          down_block_types=(vae.DOWN_BLOCK,) * 2,
                          up_block_types=(vae.UP_BLOCK,) * 2, scaling_factor=0.7)
+  from tests.test_latent_dit import random_params
   model = vae.AutoencoderKL(config)
-  params = model.init(jax.random.key(3), jnp.zeros((1, 16, 16, 3)))['params']
-  # perturb every leaf so that a swapped or transposed tensor cannot pass
-  leaves, tree = jax.tree.flatten(jax.tree.map(np.asarray, params))
+  params = random_params(model, seed=3)   # every leaf random: a swapped tensor cannot pass
   rng = np.random.default_rng(0)
-  params = jax.tree.unflatten(tree, [x + 0.1 * rng.standard_normal(x.shape).astype(np.float32)
-                                     for x in leaves])
   vae.save_pretrained(str(tmp_path), config, params)
   with open(tmp_path / vae.CONFIG_NAME) as f:
     assert json.load(f)['_class_name'] == 'AutoencoderKL'
@@ -119,7 +116,8 @@ def test_our_vae_saves_in_the_format_diffusers_loads(tmp_path):
   ref = diffusers.AutoencoderKL.from_pretrained(str(tmp_path)).eval()
   assert ref.config.scaling_factor == 0.7
   images = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
-  mean, logvar = model.apply({'params': params}, images, method='encode')
+  mean, logvar = jax.jit(lambda p, x: model.apply({'params': p}, x, method='encode'))(
+      params, images)
   ref_mean, ref_logvar = torch_encode(ref, images)
   np.testing.assert_allclose(np.asarray(mean), ref_mean, rtol=0, atol=TOL)
   np.testing.assert_allclose(np.asarray(logvar), ref_logvar, rtol=0, atol=TOL)
@@ -221,5 +219,5 @@ def test_train_vae_writes_a_vae_that_diffusers_and_we_load(tmp_path):
   assert (model.config.in_channels, model.config.downsample) == (1, 4)
   ref = diffusers.AutoencoderKL.from_pretrained(str(out)).eval()
   images = np.random.default_rng(0).uniform(-1, 1, (2, 28, 28, 1)).astype(np.float32)
-  mean, _ = model.apply({'params': params}, images, method='encode')
+  mean, _ = jax.jit(lambda p, x: model.apply({'params': p}, x, method='encode'))(params, images)
   np.testing.assert_allclose(np.asarray(mean), torch_encode(ref, images)[0], rtol=0, atol=TOL)
