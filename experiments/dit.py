@@ -120,12 +120,12 @@ class DiT_T_FashionMNIST(data.FashionMNISTData, DiT):
 class DiT_T_FashionMNIST_Latent(DiT_T_FashionMNIST):
   """The main job on latents: DiT-T/1 on the 7x7x4 latents of a VAE trained here (the same 49
   tokens as DiT_T_FashionMNIST's 28x28 pixels in 4x4 patches). First `python tools/train_vae.py`
-  (VAE_T_FashionMNIST, about 4 minutes on 2 CPU cores, written to workdirs/vae_t_fmnist/diffusers),
+  (VAE_T_FashionMNIST, about 5 minutes on 2 CPU cores, written to workdirs/vae_t_fmnist/diffusers),
   then `python launch.py --exp=DiT_T_FashionMNIST_Latent --workdir=workdirs/dit_t_fmnist_latent`.
   Sample grids are decoded to pixels; docs/RESULTS.md compares it with the pixel run."""
   USE_VAE = True
   VAE_PATH = 'workdirs/vae_t_fmnist/diffusers'
-  VAE_HINT = 'python tools/train_vae.py trains it and writes it there (about 4 CPU minutes)'
+  VAE_HINT = 'python tools/train_vae.py trains it and writes it there (about 5 CPU minutes)'
   VAE_DOWNSAMPLE = 4
   LATENT_CHANNELS = 4
   PATCH = 1

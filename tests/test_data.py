@@ -318,6 +318,22 @@ def test_launch_trains_on_the_prepared_standins(data, tmp_path, exp, extra):
   assert os.path.isdir(os.path.join(wd, 'checkpoints', '3', 'state'))
 
 
+def test_imagenet_dit_without_the_vae_stops_naming_the_cache_and_the_hub_id(data, tmp_path,
+                                                                           monkeypatch):
+  monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+  monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'hub'))
+  wd = tmp_path / 'wd'
+  result = launch('--exp=DiT_S_ImageNet256', f'--workdir={wd}', '--set',
+                  f'DATA_DIR={data["data_dir"]!r}')
+  assert result.returncode == 1
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith('launch.py: error: FileNotFoundError: ') and 'Traceback' not in \
+      result.stderr
+  assert str(tmp_path / 'hub') in line and "'stabilityai/sd-vae-ft-ema'" in line
+  assert 'hf download stabilityai/sd-vae-ft-ema' in line and 'VAE_PATH' in line
+  assert not wd.exists()
+
+
 def test_launch_trains_on_an_image_folder(data, tmp_path):
   wd = str(tmp_path / 'wd')
   sets = [a for knob in [*TINY, 'IMAGE_SIZE=16', 'PATCH=4', 'NUM_CLASSES=3', "EVAL_SPLIT='test'",
