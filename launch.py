@@ -6,6 +6,11 @@
     --print_config                 print the resolved config and exit
     --dry_run                      build the model abstractly at full size: parameter count and
                                    every parameter's shape and mesh sharding; no data, no training
+    --mode=sample --num_samples=N --out=PATH
+                                   draw N samples from the workdir's latest checkpoint (EMA
+                                   params when kept): images into PATH (.npz) and a PNG grid
+                                   beside it, or continuations of held-out prompts into PATH
+                                   (.jsonl); writes nothing under the workdir
 
 Rerunning the same command resumes from the workdir's latest checkpoint.
 """
@@ -22,6 +27,11 @@ flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard events and the co
 flags.DEFINE_multi_string('set', [], 'KNOB=VALUE or dotted.config.path=VALUE; applied in order.')
 flags.DEFINE_bool('print_config', False, 'Print the resolved config and exit.')
 flags.DEFINE_bool('dry_run', False, 'Parameter count and sharding table, then exit.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'train (resuming from the workdir), or '
+                  'sample from its latest checkpoint.')
+flags.DEFINE_integer('num_samples', 64, '--mode=sample: how many samples.')
+flags.DEFINE_string('out', None, '--mode=sample: the .npz (images; a PNG grid goes beside '
+                    'it) or .jsonl (text) to write.')
 flags.DEFINE_string('coordinator', None, 'host:port of process 0 for multi-host runs; '
                     'omit on one host (or where jax.distributed auto-detects the cluster).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
@@ -76,6 +86,39 @@ def dry_run(cfg) -> str:
   return '\n'.join([header, *rows, f'params: {count_params(boxed)}'])
 
 
+def build(cfg):
+  """fdl.build, with a constructor's error as one line: ValueError -> ConfigError, and the Fiddle
+  context it appends to the message left out."""
+  import fiddle as fdl
+  from experiments import base
+  try:
+    return fdl.build(cfg)
+  except (ValueError, FileNotFoundError) as e:
+    e = getattr(e, 'proxy_base_exception', e)
+    if isinstance(e, ValueError):   # a constructor rejected a value (NUM_CLASSES vs the data, ...)
+      raise base.ConfigError(str(e)) from None
+    raise e from None
+
+
+def sample(cfg) -> None:
+  """--mode=sample: the run's model, task, VAE and optimizer (for the checkpoint's layout), but
+  no data sources, so a run on data absent here still samples."""
+  import types
+  from trainer import sampling
+  if not FLAGS.out:
+    raise UsageError('--mode=sample needs --out=PATH (.npz)')
+  parts = {k: build(getattr(cfg, k)) for k in ('model', 'task', 'optimizer', 'loop')}
+  run = types.SimpleNamespace(**parts, codec=build(cfg.codec) if cfg.codec else None)
+  if hasattr(run.task, 'continue_prompts'):   # a language model: prompts come from held-out data
+    run.eval_data = build(cfg.eval_data)
+    result = sampling.sample_text(run, FLAGS.workdir, FLAGS.num_samples, FLAGS.out)
+    print(f'{len(result["records"])} continuations of step {result["step"]} -> {FLAGS.out}')
+    return
+  result = sampling.sample_images(run, FLAGS.workdir, FLAGS.num_samples, FLAGS.out)
+  print(f'{len(result["images"])} samples of step {result["step"]} -> {FLAGS.out} '
+        f'(grid: {result["grid"]})')
+
+
 def main(argv):
   del argv
   if FLAGS.exp is None:
@@ -96,17 +139,13 @@ def main(argv):
     return
   if not FLAGS.workdir:
     raise UsageError('--workdir is required for training (checkpoints and events go there)')
+  if FLAGS.mode == 'sample':
+    sample(cfg)
+    return
 
-  import fiddle as fdl
   import jax
   from trainer import loop
-  try:
-    run = fdl.build(cfg)        # data and VAE load here: a missing one fails before any write
-  except (ValueError, FileNotFoundError) as e:
-    e = getattr(e, 'proxy_base_exception', e)   # without the Fiddle context it appends
-    if isinstance(e, ValueError):   # a constructor rejected a value (NUM_CLASSES vs the data, ...)
-      raise base.ConfigError(str(e)) from None
-    raise e from None
+  run = build(cfg)              # data and VAE load here: a missing one fails before any write
   workdir = os.path.abspath(FLAGS.workdir)
   text = config_text(cfg)
   if jax.process_index() == 0:

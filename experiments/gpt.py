@@ -18,6 +18,9 @@ class GPT(Experiment, abstract=True):
   TIE_EMBEDDINGS = True
   SAMPLE_PROMPT = '\n'
   SAMPLE_TOKENS = 64
+  TEMPERATURE = 0.8                # sampling: 0 is greedy
+  TOP_K = 40                       # keep the k most likely tokens (None: all)
+  TOP_P = None                     # nucleus: keep the most likely tokens holding this much
 
   def model(self):
     return fdl.Config(gpt.GPT, vocab_size=self.VOCAB_SIZE, max_len=self.SEQ_LEN,
@@ -27,7 +30,8 @@ class GPT(Experiment, abstract=True):
 
   def task(self):
     return fdl.Config(LanguageModeling, seq_len=self.SEQ_LEN, sample_prompt=self.SAMPLE_PROMPT,
-                      sample_tokens=self.SAMPLE_TOKENS)
+                      sample_tokens=self.SAMPLE_TOKENS, temperature=self.TEMPERATURE,
+                      top_k=self.TOP_K, top_p=self.TOP_P)
 
   def flops_per_example(self):
     return gpt.flops_per_example(self.SEQ_LEN, self.HIDDEN, self.DEPTH, self.VOCAB_SIZE,

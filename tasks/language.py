@@ -15,10 +15,10 @@ class LanguageModeling:
   targets tokens[:, 1:]."""
 
   def __init__(self, seq_len: int = 0, sample_prompt: str = '\n', sample_tokens: int = 64,
-               temperature: float = 0.8, top_k: int | None = 40):
+               temperature: float = 0.8, top_k: int | None = 40, top_p: float | None = None):
     self.seq_len = seq_len
     self.sample_prompt, self.sample_tokens = sample_prompt, sample_tokens
-    self.temperature, self.top_k = temperature, top_k
+    self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
 
   def init_inputs(self, batch_size: int):
     return (jnp.zeros((batch_size, self.seq_len), jnp.int32),)
@@ -30,9 +30,15 @@ class LanguageModeling:
     prompt = enc.encode(self.sample_prompt, allowed_special='all')[-self.seq_len // 2:]
     prompt = jnp.asarray([prompt], jnp.int32) % model.vocab_size
     new = min(self.sample_tokens, self.seq_len - prompt.shape[1])
-    out = generate(model, params, prompt, new, rng, self.temperature, self.top_k)
+    out = generate(model, params, prompt, new, rng, self.temperature, self.top_k, self.top_p)
     tokens = [int(t) for t in jax.device_get(out)[0]]
     return {'text': enc.decode([t for t in tokens if t < enc.n_vocab])}
+
+  def continue_prompts(self, model, params, prompts, rng):
+    """Held-out prompts [b, p] continued by sample_tokens tokens (fewer if they would pass
+    seq_len), sampled with this task's temperature, top_k and top_p: [b, p + new]."""
+    new = min(self.sample_tokens, self.seq_len - prompts.shape[1])
+    return generate(model, params, prompts, new, rng, self.temperature, self.top_k, self.top_p)
 
   def loss(self, model, params, batch, rng):
     del rng
@@ -58,20 +64,30 @@ class LanguageModeling:
             'perplexity': math.exp(min(loss, 50.0))}
 
 
-def sample_logits(rng, logits, temperature: float = 1.0, top_k: int | None = None):
-  """[b, v] logits -> [b] token ids; temperature 0 is greedy; top_k keeps the k largest."""
+def sample_logits(rng, logits, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None):
+  """[b, v] logits -> [b] token ids; temperature 0 is greedy; top_k keeps the k largest; top_p
+  keeps the smallest set of most likely tokens whose probabilities sum to at least top_p."""
   if temperature == 0:
     return logits.argmax(-1).astype(jnp.int32)
   logits = logits.astype(jnp.float32) / temperature
   if top_k:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p is not None and top_p < 1.0:
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    # a token stays when the tokens more likely than it hold less than top_p in all
+    before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k'))
+@functools.partial(jax.jit, static_argnames=('model', 'max_new_tokens', 'temperature', 'top_k',
+                                             'top_p'))
 def generate(model, params, prompt, max_new_tokens: int, rng, temperature: float = 1.0,
-             top_k: int | None = None):
+             top_k: int | None = None, top_p: float | None = None):
   """Continue `prompt` [b, p] by `max_new_tokens` tokens with the KV cache; returns [b, p + new].
 
   `model` is the training model; a decoding clone with a cache of length p + new is made here.
@@ -89,12 +105,12 @@ def generate(model, params, prompt, max_new_tokens: int, rng, temperature: float
 
   cache, last = step(cache, prompt)                                          # prefill
   rngs = jax.random.split(rng, max_new_tokens)
-  first = sample_logits(rngs[0], last, temperature, top_k)
+  first = sample_logits(rngs[0], last, temperature, top_k, top_p)
 
   def body(carry, key):
     cache, token = carry
     cache, last = step(cache, token[:, None])
-    nxt = sample_logits(key, last, temperature, top_k)
+    nxt = sample_logits(key, last, temperature, top_k, top_p)
     return (cache, nxt), nxt
 
   _, rest = jax.lax.scan(body, (cache, first), rngs[1:])

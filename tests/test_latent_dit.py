@@ -58,6 +58,12 @@ def test_latent_dit_trains_and_samples_pixels_through_launch(tmp_path):
   grid = np.asarray(Image.open(os.path.join(wd, 'samples', 'step_4.png')))
   # 10 classes x 1 sample, decoded to 16x16 RGB pixels (latents would be 8x8x4)
   assert grid.shape == (10 * 17 + 1, 1 * 17 + 1, 3)
+  # --mode=sample decodes too
+  out = str(tmp_path / 'samples.npz')
+  ok(launch('--exp=DiT_T_Synthetic', f'--workdir={wd}', *LATENT, '--set', f'VAE_PATH={path}',
+            '--set', 'PATCH=2', '--set', 'DENOISE_STEPS=2', '--mode=sample', '--num_samples=3',
+            f'--out={out}'))
+  assert np.load(out)['images'].shape == (3, 16, 16, 3)
 
 
 def test_prepare_encodes_images_or_samples_stored_moments(tmp_path):

@@ -98,6 +98,14 @@ class Checkpointer:
                                 meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
 
+  def read_meta(self, step: int | None = None) -> dict:
+    """The JSON record of `step` (default: the latest) alone, without reading the state."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint to read in {self.directory}.')
+    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return restored.meta
+
   def wait(self) -> None:
     """Blocks until a save still in flight is on disk."""
     self._manager.wait_until_finished()

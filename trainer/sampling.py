@@ -1,0 +1,121 @@
+"""Samples from a trained run, without training: `launch.py --mode=sample`.
+
+Image models write `out` as an .npz with `images` (uint8 [N, H, W, C], the pixels a viewer shows:
+a latent model's samples decoded by its VAE) and `labels` (the class each was conditioned on,
+spread evenly over the classes), and a PNG grid beside it. Language models write `out` as JSON
+lines: N held-out prompts (the first half of the eval split's first N windows) and their sampled
+continuations, text and tokens. Samples are drawn in batches over every device of every host,
+each batch from its own key folded from SEED, so the same command gives the same file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from layers import sharding
+from trainer import state as state_lib
+from trainer.restore import latest_params
+from trainer.summaries import image_grid, save_png
+
+
+def spread_labels(num_samples: int, num_classes: int) -> np.ndarray:
+  """Sample i is conditioned on class floor(i * K / N): every class equally often (to one) and
+  in order, the first class first."""
+  return (np.arange(num_samples) * num_classes // num_samples).astype(np.int32)
+
+
+def to_uint8(images) -> np.ndarray:
+  """[-1, 1] floats -> uint8, the same rounding the training grids use."""
+  return np.round(np.clip((np.asarray(images, np.float32) + 1) / 2, 0, 1) * 255).astype(np.uint8)
+
+
+def sample_images(run, workdir: str, num_samples: int, out: str,
+                  batch_size: int | None = None) -> dict:
+  """Draw `num_samples` class-conditional images from the latest checkpoint (EMA parameters when
+  the run keeps them) and write them to `out` (.npz) and a PNG grid beside it; returns
+  {'images', 'labels', 'step', 'grid'}."""
+  s, model, task, codec = run.loop, run.model, run.task, run.codec
+  if not hasattr(task, 'sample'):
+    raise state_lib.TrainError(f'{type(task).__name__} draws no images; --mode=sample covers '
+                               'the image generators (DiT) so far')
+  if num_samples <= 0:
+    raise state_lib.TrainError(f'--num_samples={num_samples} must be positive')
+  params, step, _ = latest_params(run, workdir)
+  mesh = sharding.make_mesh(s.mesh)
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  batch = batch_size or s.global_batch
+  batch = -(-min(batch, num_samples) // shards) * shards   # a multiple of the batch shards
+  rows = state_lib.batch_sharding(mesh, batch)
+  frozen, _ = state_lib.place_frozen(codec, mesh)
+  decode = jax.jit(codec.decode) if codec is not None else None
+  labels = spread_labels(num_samples, task.num_classes)
+  shape = (task.image_size, task.image_size, task.channels)
+  key = jax.random.key(s.seed)
+  is_main = jax.process_index() == 0
+
+  chunks = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    for i in tqdm(range(-(-num_samples // batch)), desc=f'sampling {num_samples}',
+                  disable=not is_main):
+      part = labels[i * batch:(i + 1) * batch]
+      padded = np.concatenate([part, np.full(batch - len(part), part[-1], np.int32)])
+      global_labels = jax.make_array_from_callback((batch,), rows, lambda index: padded[index])
+      x = task.sample(model, params, global_labels, jax.random.fold_in(key, i), shape)
+      if decode is not None:
+        x = decode(frozen, x)
+      x = multihost_utils.process_allgather(x, tiled=True)
+      chunks.append(to_uint8(x)[:len(part)])
+  images = np.concatenate(chunks)
+  grid_path = os.path.splitext(out)[0] + '.png'
+  if is_main:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    np.savez(out, images=images, labels=labels)
+    ncols = math.ceil(math.sqrt(num_samples))
+    save_png(grid_path, image_grid(images, ncols, value_range=(0, 255)))
+  return {'images': images, 'labels': labels, 'step': step, 'grid': grid_path}
+
+
+def sample_text(run, workdir: str, num_samples: int, out: str) -> dict:
+  """Continue `num_samples` held-out prompts from `run.eval_data` with the latest checkpoint and
+  write them to `out` (.jsonl); returns {'records', 'step'}."""
+  s, model, task, source = run.loop, run.model, run.task, run.eval_data
+  if num_samples <= 0:
+    raise state_lib.TrainError(f'--num_samples={num_samples} must be positive')
+  params, step, _ = latest_params(run, workdir)
+  mesh = sharding.make_mesh(s.mesh)
+  rows = state_lib.batch_sharding(mesh, s.global_batch)
+  plen = task.seq_len // 2
+  batches = -(-num_samples // s.global_batch)
+  if batches > source.num_eval_batches():
+    raise state_lib.TrainError(f'--num_samples={num_samples}: the eval split has only '
+                               f'{source.num_examples} prompts')
+  key = jax.random.key(s.seed)
+  is_main = jax.process_index() == 0
+  from input.tokenizer import gpt2_encoding
+  enc = gpt2_encoding()
+  text = lambda tokens: enc.decode([int(t) for t in tokens if t < enc.n_vocab])
+  records = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    for i in tqdm(range(batches), desc=f'sampling {num_samples}', disable=not is_main):
+      local = source.batch(i)
+      prompts = jax.make_array_from_process_local_data(rows, local['tokens'][:, :plen])
+      mask = jax.make_array_from_process_local_data(rows, local['mask'])
+      tokens = task.continue_prompts(model, params, prompts, jax.random.fold_in(key, i))
+      tokens = np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
+      mask = np.asarray(multihost_utils.process_allgather(mask, tiled=True))
+      for row in tokens[mask > 0][:num_samples - len(records)]:
+        records.append({'prompt': text(row[:plen]), 'continuation': text(row[plen:]),
+                        'prompt_tokens': row[:plen].tolist(), 'tokens': row[plen:].tolist()})
+  if is_main:
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, 'w') as f:
+      for r in records:
+        f.write(json.dumps(r) + '\n')
+  return {'records': records, 'step': step}
