@@ -260,7 +260,7 @@ def run_benchmark(exp_name: str, overrides=(), steps: int = 10, warmup: int = 2,
   knobs = {k: getattr(exp, k) for k in REPORTED_KNOBS if hasattr(exp, k)}
   return {
       'experiment': exp_name,
-      'overrides': list(overrides),
+      'overrides': list(overrides) + (['--random_vae'] if random_vae else []),
       'knobs': knobs,
       'devices': {'count': n_dev, 'kind': devices[0].device_kind,
                   'processes': jax.process_count()},

@@ -115,6 +115,10 @@ else
     "GPT_S_Synthetic ATTENTION_IMPL=cudnn"
     "GPT_S_Synthetic REMAT=True"
     "DiT_XL_Synthetic GLOBAL_BATCH=64 ATTENTION_IMPL=einsum"
+    # the latent DiT's VAE: encoding in the step vs pre-encoded latents (docs/PERFORMANCE.md),
+    # with random weights of the SD VAE's architecture (none are on the device)
+    "DiT_B_ImageNet256 GLOBAL_BATCH=32 --random_vae"
+    "DiT_B_ImageNet256 GLOBAL_BATCH=32 LATENTS_DIR=stored --random_vae"
     # On 2026-11-29 the xla path's DiT-XL compile outlasted 100 s on an H200: last.
     "DiT_XL_Synthetic GLOBAL_BATCH=256 ATTENTION_IMPL=xla"
   )
@@ -141,7 +145,9 @@ for entry in "${WORKLOADS[@]}"; do
   exp=${words[0]}
   sets=("${COMMON[@]}" "${words[@]:1}")
   args=()
-  for kv in "${sets[@]}"; do args+=(--set "$kv"); done
+  for kv in "${sets[@]}"; do  # KNOB=VALUE, or a flag of benchmark.py itself (--random_vae)
+    if [[ $kv == --* ]]; then args+=("$kv"); else args+=(--set "$kv"); fi
+  done
   result=$(printf '%s/%02d.json' "$RUNS" "$i")
   left=$((BUDGET - (SECONDS - START)))
   limit=$(( left < PER_RUN ? left : PER_RUN ))
