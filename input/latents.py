@@ -115,6 +115,11 @@ class LatentRecords(common.Source):
     info = meta['splits'][split]
     self.files = [os.path.join(self.directory, f) for f in info['files']]
     self.num_examples = int(info['num_examples'])
+    # the writer dealt records round-robin: example i is record i // n of shard i % n, and the
+    # data source numbers records shard after shard
+    n = len(self.files)
+    self._shard_start = np.cumsum([0] + [len(range(s, self.num_examples, n))
+                                         for s in range(n - 1)])
     self.vae = meta.get('vae')
     self._source = None
 
@@ -128,11 +133,8 @@ class LatentRecords(common.Source):
     return {**self.__dict__, '_source': None}
 
   def read(self, indices) -> list[tuple[int, np.ndarray]]:
-    # the writer dealt records round-robin: example i is record i // n of shard i % n
     n = len(self.files)
-    per_shard = [len(range(s, self.num_examples, n)) for s in range(n)]
-    offsets = np.concatenate([[0], np.cumsum(per_shard)[:-1]])
-    positions = [int(offsets[i % n] + i // n) for i in np.asarray(indices)]
+    positions = [int(self._shard_start[i % n] + i // n) for i in np.asarray(indices)]
     return [decode_record(r, self.shape) for r in self._open().__getitems__(positions)]
 
   def _examples(self, indices, step):

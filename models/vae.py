@@ -401,15 +401,20 @@ def resolve(path_or_hub_id: str) -> str:
       f'{constants.HF_HUB_CACHE} ({reason}). {_hub_hint(path)}.')
 
 
-def from_pretrained(path_or_hub_id: str, dtype=jnp.float32) -> tuple[AutoencoderKL, dict]:
-  """(model, params) from a diffusers AutoencoderKL directory or hub id. `dtype` is the compute
-  dtype; parameters are float32 (GroupNorm statistics are always float32)."""
+def _load(path_or_hub_id: str, dtype) -> tuple[AutoencoderKL, dict]:
+  """(model, params as host NumPy arrays)."""
   from safetensors.numpy import load_file
   directory = resolve(path_or_hub_id)
   with open(os.path.join(directory, CONFIG_NAME)) as f:
     config = VAEConfig.from_dict(json.load(f))
   model = AutoencoderKL(config, jnp.dtype(dtype))
-  params = params_from_diffusers(model, load_file(os.path.join(directory, WEIGHTS_NAME)))
+  return model, params_from_diffusers(model, load_file(os.path.join(directory, WEIGHTS_NAME)))
+
+
+def from_pretrained(path_or_hub_id: str, dtype=jnp.float32) -> tuple[AutoencoderKL, dict]:
+  """(model, params) from a diffusers AutoencoderKL directory or hub id. `dtype` is the compute
+  dtype; parameters are float32 (GroupNorm statistics are always float32)."""
+  model, params = _load(path_or_hub_id, dtype)
   return model, jax.tree.map(jnp.asarray, params)
 
 
@@ -440,7 +445,8 @@ class PretrainedVAE:
                missing_hint: str = ''):
     self.path = path
     try:
-      self.model, self.params = from_pretrained(path, dtype)
+      # kept on the host: the trainer places them on the mesh itself (trainer.state.place_frozen)
+      self.model, self.params = _load(path, dtype)
     except FileNotFoundError as e:
       if not missing_hint:
         raise
