@@ -11,6 +11,10 @@
                                    params when kept): images into PATH (.npz) and a PNG grid
                                    beside it, or continuations of held-out prompts into PATH
                                    (.jsonl); writes nothing under the workdir
+    --mode=eval                    the experiment's eval metrics (the whole eval split, or
+                                   EVAL_BATCHES of it; FID where configured) of the workdir's
+                                   latest checkpoint, as one JSON line on stdout and in
+                                   WORKDIR/eval/step_N.json; the checkpoints are not touched
 
 Rerunning the same command resumes from the workdir's latest checkpoint.
 """
@@ -27,8 +31,8 @@ flags.DEFINE_string('workdir', None, 'Checkpoints, TensorBoard events and the co
 flags.DEFINE_multi_string('set', [], 'KNOB=VALUE or dotted.config.path=VALUE; applied in order.')
 flags.DEFINE_bool('print_config', False, 'Print the resolved config and exit.')
 flags.DEFINE_bool('dry_run', False, 'Parameter count and sharding table, then exit.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'train (resuming from the workdir), or '
-                  'sample from its latest checkpoint.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'train (resuming from the '
+                  'workdir), or sample from / evaluate its latest checkpoint.')
 flags.DEFINE_integer('num_samples', 64, '--mode=sample: how many samples.')
 flags.DEFINE_string('out', None, '--mode=sample: the .npz (images; a PNG grid goes beside '
                     'it) or .jsonl (text) to write.')
@@ -119,6 +123,34 @@ def sample(cfg) -> None:
         f'(grid: {result["grid"]})')
 
 
+def evaluate(cfg) -> dict:
+  """--mode=eval: the metrics of the workdir's latest checkpoint, printed as one JSON line and
+  written to WORKDIR/eval/step_N.json (process 0). The training data is built but never read."""
+  import jax
+  from flax import linen as nn
+  from layers import sharding
+  from trainer import state as state_lib
+  from trainer.evaluation import Evaluator
+  from trainer.restore import latest_params
+  run = build(cfg)
+  params, step, _ = latest_params(run, FLAGS.workdir)
+  if run.judge is not None:
+    run.judge.load()   # a judging classifier is restored outside the run's mesh, as above
+  mesh = sharding.make_mesh(run.loop.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    frozen, _ = state_lib.place_frozen(run.codec, mesh)
+    metrics = Evaluator(run, mesh, frozen)(params, step)
+  record = {'experiment': run.loop.experiment, 'step': step,
+            'params': 'ema' if run.loop.ema_decay else 'trained', **metrics}
+  if jax.process_index() == 0:
+    directory = os.path.join(FLAGS.workdir, 'eval')
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f'step_{step}.json'), 'w') as f:
+      json.dump(record, f, indent=2)
+    print(json.dumps(record))
+  return record
+
+
 def main(argv):
   del argv
   if FLAGS.exp is None:
@@ -141,6 +173,9 @@ def main(argv):
     raise UsageError('--workdir is required for training (checkpoints and events go there)')
   if FLAGS.mode == 'sample':
     sample(cfg)
+    return
+  if FLAGS.mode == 'eval':
+    evaluate(cfg)
     return
 
   import jax

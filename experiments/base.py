@@ -59,6 +59,7 @@ class RunConfig:
   optimizer: Any
   loop: LoopSettings
   codec: Any = None                # a frozen model between images and the model (a VAE)
+  judge: Any = None                # how a generator's samples are scored (tasks.fid.SampleJudge)
 
 
 class Experiment:
@@ -114,6 +115,10 @@ class Experiment:
     """A frozen network the model sees the data through (the VAE of a latent DiT), or None."""
     return None
 
+  def judge(self) -> fdl.Config | None:
+    """How samples are scored (FID and kin, tasks/fid.py), or None: generators only."""
+    return None
+
   def flops_per_example(self) -> int:
     return 0
 
@@ -150,7 +155,8 @@ class Experiment:
     self.validate()
     return fdl.Config(RunConfig, model=self.model(), task=self.task(),
                       train_data=self.train_data(), eval_data=self.eval_data(),
-                      optimizer=self.optimizer(), loop=self.loop(), codec=self.codec())
+                      optimizer=self.optimizer(), loop=self.loop(), codec=self.codec(),
+                      judge=self.judge())
 
   @classmethod
   def knobs(cls) -> dict[str, Any]:

@@ -7,8 +7,11 @@ from experiments import data
 from experiments.base import ConfigError, Experiment
 from input.latents import LatentRecords
 from models import dit
+from models import inception
 from models import vae
 from tasks.diffusion import FlowMatching
+from tasks.fid import SampleJudge
+from trainer.restore import TrainedClassifier
 
 
 class DiT(Experiment, abstract=True):
@@ -36,6 +39,20 @@ class DiT(Experiment, abstract=True):
   DENOISE_STEPS = 128
   SAMPLE_CLASSES = 10          # sample grids show this many classes ...
   SAMPLES_PER_CLASS = 8        # ... with this many images each
+  # Sample quality, logged as eval/fid (see tasks/fid.py). Without the Inception weights file
+  # (tools/convert_inception.py makes it) training warns once and goes on.
+  FID_NUM = 0                  # samples per FID; 0: none
+  FID_EVERY = 0                # steps between FIDs; 0: at the last step only
+  FID_REF = None               # reference statistics .npz (tools/fid_stats.py, or ADM's
+                               # reference batch); None: computed from the eval split
+  FID_REF_NUM = 50_000         # eval-split images the computed reference uses at most
+  FID_BATCH = 0                # samples drawn at once; 0: GLOBAL_BATCH
+  INCEPTION_PATH = 'weights/fid_inception_v3.npz'
+  # A classifier trained here instead of Inception: the Fréchet distance on its features is
+  # logged as eval/<FD_NAME>, and its accuracy on the samples as eval/class_consistency.
+  JUDGE_EXP = None             # its experiment, e.g. 'ViT_T_FashionMNIST_Judge'
+  JUDGE_DIR = None             # and its workdir
+  FD_NAME = 'fd'
 
   def validate(self):
     super().validate()
@@ -61,6 +78,18 @@ class DiT(Experiment, abstract=True):
     return fdl.Config(vae.PretrainedVAE, path=self.VAE_PATH, dtype=self.DTYPE,
                       downsample=self.VAE_DOWNSAMPLE, latent_channels=self.LATENT_CHANNELS,
                       missing_hint=self.VAE_HINT)
+
+  def judge(self):
+    if not self.FID_NUM:
+      return None
+    if self.JUDGE_EXP:
+      features = fdl.Partial(TrainedClassifier, exp=self.JUDGE_EXP, workdir=self.JUDGE_DIR)
+      name = self.FD_NAME
+    else:
+      features, name = fdl.Partial(inception.FIDInception, path=self.INCEPTION_PATH), 'fid'
+    return fdl.Config(SampleJudge, features=features, num_samples=self.FID_NUM,
+                      every=self.FID_EVERY, name=name, reference=self.FID_REF,
+                      reference_num=self.FID_REF_NUM, batch_size=self.FID_BATCH)
 
   def config(self):
     cfg = super().config()
@@ -115,6 +144,11 @@ class DiT_T_FashionMNIST(data.FashionMNISTData, DiT):
   CKPT_EVERY = 400
   DENOISE_STEPS = 32
   SAMPLES_PER_CLASS = 8
+  FID_NUM = 1000               # judged at the last step by the classifier below, when trained
+  FID_BATCH = 250
+  JUDGE_EXP = 'ViT_T_FashionMNIST_Judge'
+  JUDGE_DIR = 'workdirs/fmnist_judge'
+  FD_NAME = 'fd_fmnist'
 
 
 class DiT_T_FashionMNIST_Latent(DiT_T_FashionMNIST):

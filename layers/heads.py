@@ -19,11 +19,13 @@ class ClassifierHead(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, return_features: bool = False):
+    """Logits; with `return_features`, (logits, the normalised input they are a linear map of)."""
     x = LayerNorm(self.norm_eps, dtype=self.dtype, name='norm')(x)
     init = nn.initializers.zeros_init() if self.zero_init else None
-    return Dense(self.num_classes, ('embed', 'vocab'), kernel_init=init, dtype=self.dtype,
-                 name='proj')(x)
+    logits = Dense(self.num_classes, ('embed', 'vocab'), kernel_init=init, dtype=self.dtype,
+                   name='proj')(x)
+    return (logits, x) if return_features else logits
 
 
 class FinalAdaLN(nn.Module):

@@ -31,7 +31,9 @@ class ViT(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, return_features: bool = False):
+    """Logits [b, v]; with `return_features`, (logits, the pre-logit features [b, d]), which a
+    trained classifier gives as the embedding its samples' Fréchet distance is measured on."""
     b, hh, ww, _ = x.shape
     if hh % self.patch or ww % self.patch:
       raise ValueError(f'image size {hh}x{ww} is not divisible by patch {self.patch}')
@@ -43,8 +45,11 @@ class ViT(nn.Module):
     h = shard(h, ('act_batch', 'act_len', 'act_embed'))                      # [b, l+1, d]
     h = Backbone(self.depth, self.heads, self.mlp_ratio, attention_impl=self.attention_impl,
                  remat=self.remat, dtype=self.dtype, name='backbone')(h)
-    logits = ClassifierHead(self.num_classes, dtype=self.dtype, name='head')(h[:, 0])
-    return logits.astype(jnp.float32)                                       # [b, v]
+    out = ClassifierHead(self.num_classes, dtype=self.dtype, name='head')(
+        h[:, 0], return_features=return_features)
+    if return_features:
+      return out[0].astype(jnp.float32), out[1].astype(jnp.float32)
+    return out.astype(jnp.float32)                                          # [b, v]
 
 
 def flops_per_example(image_size: int, channels: int, patch: int, hidden: int, depth: int,

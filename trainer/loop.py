@@ -24,6 +24,7 @@ from layers import sharding
 from trainer import flops
 from trainer import state as state_lib
 from trainer.checkpoint import Checkpointer
+from trainer.evaluation import Evaluator
 from trainer.summaries import Summaries, image_grid, save_png
 
 
@@ -53,6 +54,8 @@ def train(run, workdir: str, config_text: str = '') -> dict:
                sum('fsdp' in str(sh.spec) for _, sh in param_specs), len(param_specs),
                jax.tree_util.keystr(path), largest.spec)
 
+  if getattr(run, 'judge', None) is not None:
+    run.judge.load()   # restoring a judging classifier must happen outside this run's mesh
   with contextlib.ExitStack() as stack:
     stack.enter_context(jax.set_mesh(mesh))
     stack.enter_context(nn.logical_axis_rules(rules))
@@ -77,9 +80,6 @@ def train(run, workdir: str, config_text: str = '') -> dict:
     train_step = jax.jit(train_step,
                          in_shardings=(state_shardings, batch_sharding, frozen_shardings),
                          out_shardings=(state_shardings, replicated), donate_argnums=0)
-    eval_step = jax.jit(state_lib.make_eval_step(model, task, codec),
-                        in_shardings=(state_shardings.params, batch_sharding, frozen_shardings),
-                        out_shardings=replicated)
     decode = jax.jit(codec.decode) if codec is not None else lambda frozen, images: images
 
     def to_global(local):
@@ -91,20 +91,7 @@ def train(run, workdir: str, config_text: str = '') -> dict:
     if config_text and start == 0:
       writer.text('config', '```\n' + config_text + '\n```', 0)
 
-    def evaluate(state, step):
-      params = state.ema if s.ema_decay else state.params
-      n = run.eval_data.num_eval_batches()
-      n = min(n, s.eval_batches) if s.eval_batches else n
-      sums = None
-      with contextlib.closing(run.eval_data.iterate(0, n)) as batches:
-        for batch in batches:
-          out = jax.device_get(eval_step(params, to_global(batch), frozen))
-          sums = out if sums is None else jax.tree.map(np.add, sums, out)
-      metrics = task.finalize(sums)
-      writer.scalars({f'eval/{k}': v for k, v in metrics.items()}, step)
-      logging.info('step %d eval (%d batches%s): %s', step, n, ', EMA' if s.ema_decay else '',
-                   ', '.join(f'{k}={v:.4f}' for k, v in metrics.items()))
-      return metrics
+    evaluator = Evaluator(run, mesh, frozen, writer)
 
     def sample(state, step):
       if not hasattr(task, 'samples'):
@@ -170,14 +157,16 @@ def train(run, workdir: str, config_text: str = '') -> dict:
         pending = (done, metrics)
       bar.update(1)
       do_eval = done % s.eval_every == 0 or last
+      do_judge = evaluator.judge_due(done, last)
       do_sample = (s.sample_every and done % s.sample_every == 0) or last
       do_save = done % s.ckpt_every == 0 or last
-      if do_eval or do_sample or do_save:
+      if do_eval or do_judge or do_sample or do_save:
         if pending is not None:
           log(*pending)
           pending = None
-        if do_eval:
-          eval_metrics = evaluate(state, done)
+        if do_eval or do_judge:
+          eval_metrics = evaluator(state.ema if s.ema_decay else state.params, done,
+                                   split=do_eval, judge=do_judge)
         if do_sample:
           sample(state, done)
         if do_save:

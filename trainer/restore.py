@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from layers import sharding
 from trainer import state as state_lib
@@ -37,3 +39,41 @@ def latest_params(run, workdir: str, ema: bool = True):
     ckpt.close()
   params = state.ema if ema and s.ema_decay else state.params
   return params, int(state.step), meta
+
+
+class TrainedClassifier:
+  """A classifier trained in this project (a ViT experiment's checkpoint), frozen, as the judge
+  of a generator's samples: `features(params, pixels)` -> {'features': pre-logit embedding,
+  'logits'} for pixels [b, H, W, c] in [0, 255]. The parameters are the checkpoint's (EMA when
+  kept), gathered to the host; the trainer places them on its own mesh."""
+
+  def __init__(self, exp: str, workdir: str):
+    import types
+    import fiddle as fdl
+    from experiments import base   # lazily: experiments import the trainer's optimizer
+    from jax.experimental import multihost_utils
+    _, cfg = base.build_config(exp)
+    run = types.SimpleNamespace(**{k: fdl.build(getattr(cfg, k))
+                                   for k in ('model', 'task', 'optimizer', 'loop')})
+    self.exp, self.model = exp, run.model
+    self.image_size, self.channels = run.task.image_size, run.task.channels
+    try:
+      params, self.step, _ = latest_params(run, workdir)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f'{e} (the judging classifier {exp}: `python launch.py '
+                              f'--exp={exp} --workdir={workdir}`)') from None
+    self.params = jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(
+        a, tiled=True)), params)
+
+  def abstract_params(self):
+    shape = (1, self.image_size, self.image_size, self.channels)
+    return jax.eval_shape(self.model.init, jax.random.key(0), jnp.zeros(shape))['params']
+
+  def features(self, params, pixels):
+    if pixels.shape[1:] != (self.image_size, self.image_size, self.channels):
+      raise ValueError(f'the judging classifier {self.exp} takes {self.image_size}x'
+                       f'{self.image_size}x{self.channels} images, the samples are '
+                       f'{"x".join(map(str, pixels.shape[1:]))}')
+    logits, features = self.model.apply({'params': params}, pixels / 127.5 - 1,
+                                        return_features=True)
+    return {'features': features, 'logits': logits}

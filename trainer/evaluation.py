@@ -1,0 +1,165 @@
+"""Evaluation of a set of parameters: what the loop logs under eval/ and `launch.py --mode=eval`
+prints.
+
+  - the task's metrics over the eval split (or its first EVAL_BATCHES batches): every example
+    exactly once across all processes, the last batch padded and masked;
+  - for a generator with a judge (tasks/fid.py): FID, or the Fréchet distance on a classifier's
+    features plus that classifier's accuracy on the samples, every judge.every steps;
+  - for a language model: continuations of held-out prompts, as text.
+
+Every process runs the same calls on its own devices; only process 0 writes events.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from tasks import fid
+from trainer import sampling
+from trainer import state as state_lib
+
+TEXT_PROMPTS = 4     # held-out prompts continued at each evaluation of a language model
+
+
+def quantize(images):
+  """[-1, 1] floats -> the uint8 values a saved PNG holds, as float32 in [0, 255] (the judge sees
+  what a viewer would)."""
+  return jnp.round(jnp.clip((images.astype(jnp.float32) + 1) / 2, 0, 1) * 255)
+
+
+class Evaluator:
+  """evaluator(params, step) -> {metric: value}; writes eval/* to `writer` when given."""
+
+  def __init__(self, run, mesh, frozen=None, writer=None):
+    self.run, self.mesh, self.frozen, self.writer = run, mesh, frozen, writer
+    s = run.loop
+    self.batch_sharding = state_lib.batch_sharding(mesh, s.global_batch)
+    self.eval_step = jax.jit(state_lib.make_eval_step(run.model, run.task, run.codec),
+                             out_shardings=NamedSharding(mesh, P()))
+    self.judge = getattr(run, 'judge', None)
+    if self.judge is not None:
+      self.judge.load()
+    if self.judge is not None and self.judge.problem:
+      logging.warning('eval/%s is off for this run: %s', self.judge.name, self.judge.problem)
+    self._judge_ready = False
+    self._text = hasattr(run.task, 'continue_prompts') and getattr(run, 'eval_data', None)
+
+  # ------------------------------------------------------------------ the eval split ---------
+  def split_metrics(self, params) -> dict:
+    s, source = self.run.loop, self.run.eval_data
+    n = source.num_eval_batches()
+    n = min(n, s.eval_batches) if s.eval_batches else n
+    sums = None
+    with contextlib.closing(source.iterate(0, n)) as batches:
+      for batch in batches:
+        batch = jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x)),
+            batch)
+        out = jax.device_get(self.eval_step(params, batch, self.frozen))
+        sums = out if sums is None else jax.tree.map(np.add, sums, out)
+    self.split_batches = n
+    return self.run.task.finalize(sums)
+
+  # ------------------------------------------------------------------ judged samples ---------
+  def _prepare_judge(self):
+    """Places the judge's network on the mesh and, without a statistics file, computes the
+    reference statistics from the eval split: once per run."""
+    if self._judge_ready:
+      return
+    judge = self.judge
+    self.judge_params, _ = state_lib.place_frozen(judge.net, self.mesh)
+    net = judge.net
+    self._features = jax.jit(lambda p, x: _as_dict(net.features(p, quantize(x))))
+    if judge.reference_stats is None:
+      judge.reference_stats = self._reference_stats()
+    self._judge_ready = True
+
+  def _reference_stats(self):
+    judge, source = self.judge, self.run.eval_data
+    batches = min(source.num_eval_batches(), -(-judge.reference_num // source.global_batch))
+    feats = []
+    with contextlib.closing(source.iterate(0, batches)) as it:
+      for batch in it:
+        if 'image' not in batch:
+          raise state_lib.TrainError(
+              f'eval/{judge.name}: the eval data has no images to compute reference statistics '
+              f'from (pre-encoded latents?); pass a statistics file (FID_REF, from '
+              'tools/fid_stats.py)')
+        x = jax.make_array_from_process_local_data(self.batch_sharding, batch['image'])
+        mask = jax.make_array_from_process_local_data(self.batch_sharding, batch['mask'])
+        out = self._features(self.judge_params, x)['features']
+        out, mask = (np.asarray(multihost_utils.process_allgather(a, tiled=True))
+                     for a in (out, mask))
+        feats.append(out[mask > 0])
+    feats = np.concatenate(feats)[:judge.reference_num]
+    logging.info('eval/%s reference: statistics of %d eval-split images', judge.name,
+                 len(feats))
+    return fid.statistics(feats)
+
+  def sample_metrics(self, params) -> dict:
+    """The judge's metrics on judge.num_samples samples drawn with a fixed key (the same noise
+    at every evaluation, so successive values differ by the model alone)."""
+    self._prepare_judge()
+    judge, run = self.judge, self.run
+    labels = sampling.spread_labels(judge.num_samples, run.task.num_classes)
+    batch = sampling.batch_size_for(self.mesh, judge.num_samples,
+                                    judge.batch_size or run.loop.global_batch)
+    decode = getattr(self, '_decode', None)
+    if decode is None and run.codec is not None:
+      decode = self._decode = jax.jit(run.codec.decode)
+    key = jax.random.fold_in(jax.random.key(run.loop.seed), fid.JUDGE_STREAM)
+    feats, logits = [], []
+    for x, n in sampling.draw_images(run, params, self.frozen, labels, key, self.mesh, batch,
+                                     decode, desc=f'eval/{judge.name}: {judge.num_samples} '
+                                     'samples'):
+      out = jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)),
+                         self._features(self.judge_params, x))
+      feats.append(out['features'][:n])
+      if 'logits' in out:
+        logits.append(out['logits'][:n])
+    mu, sigma = fid.statistics(np.concatenate(feats))
+    metrics = {judge.name: fid.frechet_distance(mu, sigma, *judge.reference_stats)}
+    if logits:
+      predicted = np.concatenate(logits).argmax(-1)
+      metrics['class_consistency'] = float((predicted == labels).mean())
+    return metrics
+
+  # ------------------------------------------------------------------ text ------------------
+  def continuations(self, params, step) -> str:
+    key = jax.random.fold_in(jax.random.key(self.run.loop.seed), step)
+    records = sampling.continue_held_out(self.run, params, TEXT_PROMPTS, key, self.mesh)
+    return '\n\n'.join(f'**{r["prompt"]!r}** → {r["continuation"]!r}' for r in records)
+
+  # ------------------------------------------------------------------ all ---------------------
+  def judge_due(self, step: int, last: bool) -> bool:
+    return self.judge is not None and self.judge.due(step, last)
+
+  def __call__(self, params, step: int, split: bool = True, judge: bool = True) -> dict:
+    """The split's metrics (with `split`), the judge's (with `judge`, where the run has a usable
+    one) and held-out continuations (language models, with `split`), logged at `step`."""
+    metrics = self.split_metrics(params) if split else {}
+    if judge and self.judge is not None and self.judge.problem is None:
+      metrics.update(self.sample_metrics(params))
+    if self.writer is not None:
+      self.writer.scalars({f'eval/{k}': v for k, v in metrics.items()}, step)
+    if split and self._text:
+      text = self.continuations(params, step)
+      if self.writer is not None:
+        self.writer.text('eval/continuations', text, step)
+      logging.info('step %d held-out continuations:\n%s', step, text)
+    if metrics:
+      ema = ', EMA' if self.run.loop.ema_decay else ''
+      where = f'{self.split_batches} batches' if split else 'samples only'
+      logging.info('step %d eval (%s%s): %s', step, where, ema,
+                   ', '.join(f'{k}={v:.4f}' for k, v in metrics.items()))
+    return metrics
+
+
+def _as_dict(out):
+  return out if isinstance(out, dict) else {'features': out}
