@@ -7,9 +7,9 @@ This is exactly pytorch-fid's `InceptionV3([3])` (use_fid_inception, resize_inpu
 normalize_input on), i.e. torchvision's inception_v3 layout with the FID variants of its blocks:
 Mixed_5b-d, Mixed_6b-e and Mixed_7b average-pool without counting the padding (TensorFlow's
 avg_pool), and Mixed_7c max-pools in its pool branch (as the 2015 TensorFlow graph of the
-original FID code does, unlike the paper's InceptionV3). Each BasicConv2d is conv (no bias) + BatchNorm (eps 0.001, running
-statistics) + ReLU; a global average pool after Mixed_7c gives the 2048 pool3 features. The
-classifier (fc) is not part of it. Module names mirror the torch keys
+original FID code does, unlike the paper's InceptionV3). Each BasicConv2d is conv (no bias) +
+BatchNorm (eps 0.001, running statistics) + ReLU; a global average pool after Mixed_7c gives the
+2048 pool3 features. The classifier (fc) is not part of it. Module names mirror the torch keys
 ('Mixed_5b.branch1x1.conv.weight' is params['Mixed_5b']['branch1x1']['conv']['kernel'],
 '...bn.running_mean' is [...]['bn']['mean']), so the conversion is a naming rule plus OIHW -> HWIO.
 

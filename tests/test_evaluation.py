@@ -106,27 +106,37 @@ def test_eval_mode_errors_are_one_line(classifier, tmp_path):
   assert not os.path.exists(tmp_path / 'none')
 
 
-def test_classifier_judges_the_samples_in_training_and_eval(classifier, tmp_path):
-  """DiT_T_Synthetic judged by the trained ViT_T_Synthetic: eval/fd_syn and
-  eval/class_consistency every step (FID_EVERY=1) and in --mode=eval, deterministic."""
-  wd = str(tmp_path / 'dit')
-  judge = ['--set', 'FID_NUM=6', '--set', 'FID_EVERY=1', '--set', 'FID_BATCH=4',
-           '--set', 'JUDGE_EXP=ViT_T_Synthetic', '--set', f'JUDGE_DIR={classifier}',
-           '--set', 'FD_NAME=fd_syn', '--set', 'DENOISE_STEPS=2']
-  out = ok(launch('--exp=DiT_T_Synthetic', f'--workdir={wd}', *TINY, *judge,
-                  '--set', 'SAMPLES_PER_CLASS=1', '--set', 'EVAL_EVERY=2'))
+JUDGED = ['--set', 'FID_NUM=6', '--set', 'FID_EVERY=1', '--set', 'FID_BATCH=4',
+          '--set', 'JUDGE_EXP=ViT_T_Synthetic', '--set', 'FD_NAME=fd_syn',
+          '--set', 'DENOISE_STEPS=2']
+
+
+@pytest.fixture(scope='module')
+def judged(classifier, tmp_path_factory):
+  """DiT_T_Synthetic judged by the trained ViT_T_Synthetic every step: (workdir, stdout)."""
+  wd = str(tmp_path_factory.mktemp('dit') / 'wd')
+  out = ok(launch('--exp=DiT_T_Synthetic', f'--workdir={wd}', *TINY, *JUDGED,
+                  '--set', f'JUDGE_DIR={classifier}', '--set', 'SAMPLES_PER_CLASS=1',
+                  '--set', 'EVAL_EVERY=2'))
+  return wd, out.stdout
+
+
+def test_classifier_judges_the_samples_in_training_and_eval(classifier, judged):
+  """eval/fd_syn and eval/class_consistency at every step (FID_EVERY=1), the split's loss only
+  at EVAL_EVERY; --mode=eval gives the same numbers on 1 and 2 devices."""
+  wd, stdout = judged
   scalars = read_scalars(os.path.join(wd, 'tensorboard'))
   assert [s for s, _ in scalars['eval/fd_syn']] == [1, 2]
   assert [s for s, _ in scalars['eval/class_consistency']] == [1, 2]
-  assert [s for s, _ in scalars['eval/loss']] == [2]        # the split only at EVAL_EVERY
+  assert [s for s, _ in scalars['eval/loss']] == [2]
   assert all(np.isfinite(v) and v > 0 for _, v in scalars['eval/fd_syn'])
   assert all(v * 6 == round(v * 6) for _, v in scalars['eval/class_consistency'])
-  assert 'fd_syn=' in out.stdout and 'class_consistency=' in out.stdout
+  assert 'fd_syn=' in stdout and 'class_consistency=' in stdout
 
   records = []
   for devices in (1, 2):
-    result = ok(launch('--exp=DiT_T_Synthetic', f'--workdir={wd}', '--mode=eval', *judge,
-                       devices=devices))
+    result = ok(launch('--exp=DiT_T_Synthetic', f'--workdir={wd}', '--mode=eval', *JUDGED,
+                       '--set', f'JUDGE_DIR={classifier}', devices=devices))
     records.append(json.loads(result.stdout.strip().splitlines()[-1]))
   assert records[0]['fd_syn'] == pytest.approx(records[1]['fd_syn'], rel=1e-4)
   assert records[0]['class_consistency'] == records[1]['class_consistency']
@@ -134,14 +144,50 @@ def test_classifier_judges_the_samples_in_training_and_eval(classifier, tmp_path
   assert records[0]['fd_syn'] == pytest.approx(scalars['eval/fd_syn'][-1][1], rel=1e-4)
 
 
-def test_missing_inception_weights_warn_once_and_training_goes_on(tmp_path):
-  wd = str(tmp_path / 'dit')
-  out = ok(launch('--exp=DiT_T_Synthetic', f'--workdir={wd}', *TINY, '--set', 'FID_NUM=4',
-                  '--set', f'INCEPTION_PATH={tmp_path / "absent.npz"}',
-                  '--set', 'SAMPLES_PER_CLASS=1', '--set', 'DENOISE_STEPS=2'))
-  warnings = [line for line in out.stderr.splitlines() if 'eval/fid is off' in line]
-  assert len(warnings) == 1 and 'absent.npz' in warnings[0], out.stderr[-2000:]
-  assert 'convert_inception.py' in warnings[0]
-  scalars = read_scalars(os.path.join(wd, 'tensorboard'))
-  assert 'eval/loss' in scalars and 'eval/fid' not in scalars
-  assert os.path.isdir(os.path.join(wd, 'checkpoints', '2'))
+def test_eval_mode_reports_fid_with_inception_weights(judged, tmp_path):
+  """The same run judged by the FID Inception (random weights, saved as the converter would)."""
+  from models import inception
+  weights = str(tmp_path / 'inception.npz')
+  inception.save(inception.FIDInception.random().params, weights)
+  wd, _ = judged
+  args = ['--exp=DiT_T_Synthetic', f'--workdir={wd}', '--mode=eval', '--set', 'FID_NUM=4',
+          '--set', 'FID_BATCH=4', '--set', f'INCEPTION_PATH={weights}',
+          '--set', 'DENOISE_STEPS=2']
+  record = json.loads(ok(launch(*args)).stdout.strip().splitlines()[-1])
+  assert set(record) == {'experiment', 'step', 'params', 'loss', 'fid'}
+  assert np.isfinite(record['fid']) and record['fid'] > 0
+
+
+def test_fid_stats_tool_matches_a_direct_computation(tmp_path, capsys):
+  from models import inception
+  from tasks import fid
+  from tools import fid_stats
+  net = inception.FIDInception.random(seed=1)
+  weights = str(tmp_path / 'inception.npz')
+  inception.save(net.params, weights)
+  rng = np.random.default_rng(0)
+  a = rng.integers(0, 256, (6, 20, 20, 3), dtype=np.uint8)
+  b = np.clip(a.astype(int) + rng.integers(-60, 60, a.shape), 0, 255).astype(np.uint8)
+  np.savez(tmp_path / 'a.npz', images=a, labels=np.arange(6))
+  np.savez(tmp_path / 'b.npz', arr_0=b)             # ADM's layout
+  common = ['--inception', weights, '--batch', '8']
+  assert fid_stats.main(['--images', str(tmp_path / 'a.npz'), '--out',
+                         str(tmp_path / 'a_stats.npz'), *common]) == 0
+  assert fid_stats.main(['--images', str(tmp_path / 'b.npz'), '--ref',
+                         str(tmp_path / 'a_stats.npz'), *common]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  first, second = json.loads(lines[-2]), json.loads(lines[-1])
+  assert first['num'] == second['num'] == 6 and first['dims'] == 2048
+
+  features = jax.jit(net.features)
+  fa = np.asarray(features(net.params, jnp.asarray(a, jnp.float32)))
+  fb = np.asarray(features(net.params, jnp.asarray(b, jnp.float32)))
+  mu, sigma = fid.load_stats(str(tmp_path / 'a_stats.npz'))
+  np.testing.assert_allclose(mu, fa.astype(np.float64).mean(0), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(sigma, np.cov(fa.astype(np.float64), rowvar=False), rtol=1e-3,
+                             atol=1e-5)
+  expected = fid.frechet_distance(*fid.statistics(fb), *fid.statistics(fa))
+  assert second['frechet_distance'] == pytest.approx(expected, rel=1e-3)
+  with pytest.raises(SystemExit):
+    fid_stats.parse_args(['--out', 'x.npz'])
+  assert 'give --images (an .npz of images) or --exp' in capsys.readouterr().err

@@ -49,6 +49,13 @@ def test_family_trains_end_to_end(exp, tmp_path):
   assert 'eval/loss' in scalars
   if exp.startswith('GPT'):
     assert 'perf/tokens_per_s' in scalars
+    # held-out prompts and their continuations, as text beside the eval metrics
+    from tensorboard.backend.event_processing import event_accumulator as ea
+    acc = ea.EventAccumulator(os.path.join(wd, 'tensorboard'), size_guidance={ea.TENSORS: 0})
+    acc.Reload()
+    texts = acc.Tensors('eval/continuations/text_summary')
+    assert [t.step for t in texts] == [10]
+    assert texts[0].tensor_proto.string_val[0].decode().count('→') == 4
   assert os.path.isdir(os.path.join(wd, 'checkpoints', '10', 'state'))
   for name in ('config.txt', 'config.json'):
     assert os.path.getsize(os.path.join(wd, name)) > 100

@@ -13,9 +13,25 @@ TINY = ['--set', 'NUM_STEPS=2', '--set', 'CKPT_EVERY=2', '--set', 'EVAL_BATCHES=
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
+  """A tiny DiT run, asked for FID with no Inception weights: it warns once and trains on."""
   wd = str(tmp_path_factory.mktemp('dit') / 'wd')
-  ok(launch('--exp=DiT_T_Synthetic', f'--workdir={wd}', *TINY))
+  result = ok(launch('--exp=DiT_T_Synthetic', f'--workdir={wd}', *TINY, '--set', 'FID_NUM=4',
+                     '--set', f'INCEPTION_PATH={wd}-absent.npz'))
+  with open(f'{wd}-stderr.txt', 'w') as f:
+    f.write(result.stderr)
   return wd
+
+
+def test_missing_inception_weights_warn_once_and_training_goes_on(trained):
+  with open(f'{trained}-stderr.txt') as f:
+    stderr = f.read()
+  warnings = [line for line in stderr.splitlines() if 'eval/fid is off' in line]
+  assert len(warnings) == 1 and 'absent.npz' in warnings[0], stderr[-2000:]
+  assert 'convert_inception.py' in warnings[0]
+  from trainer.summaries import read_scalars
+  scalars = read_scalars(os.path.join(trained, 'tensorboard'))
+  assert 'eval/loss' in scalars and 'eval/fid' not in scalars
+  assert os.path.isdir(os.path.join(trained, 'checkpoints', '2'))
 
 
 def snapshot(directory):

@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--images', help='.npz of uint8 images [N, H, W, C] (images or arr_0)')
-  p.add_argument('--exp', help='read this experiment\'s images (and take its judge settings)')
+  p.add_argument('--exp', help='read this experiment\'s images (unless --images), and take its '
+                 'INCEPTION_PATH or judging classifier')
   p.add_argument('--set', action='append', default=[], help='KNOB=VALUE, as launch.py --set')
   p.add_argument('--split', default=None, help='with --exp: the split (default: its eval split)')
   p.add_argument('--num', type=int, default=0, help='use the first N images (0: all)')
@@ -43,8 +44,11 @@ def parse_args(argv=None):
   p.add_argument('--out', help='write mu and sigma here (.npz)')
   p.add_argument('--ref', help='statistics .npz to measure the Fréchet distance to')
   args = p.parse_args(argv)
-  if bool(args.images) == bool(args.exp):
-    p.error('give exactly one of --images and --exp')
+  if not (args.images or args.exp):
+    p.error('give --images (an .npz of images) or --exp (its data), or both (the images, '
+            'judged with the experiment\'s settings)')
+  if args.images and args.split:
+    p.error('--split reads the experiment\'s data; with --images there is nothing to split')
   if args.judge and not args.exp:
     p.error('--judge needs --exp (the experiment names its classifier)')
   if not (args.out or args.ref):

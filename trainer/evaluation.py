@@ -48,6 +48,8 @@ class Evaluator:
     if self.judge is not None and self.judge.problem:
       logging.warning('eval/%s is off for this run: %s', self.judge.name, self.judge.problem)
     self._judge_ready = False
+    if self.judge is not None and self.judge.problem is None:
+      self._prepare_judge()   # at the start: a reference that cannot be computed fails now
     self._text = hasattr(run.task, 'continue_prompts') and getattr(run, 'eval_data', None)
 
   # ------------------------------------------------------------------ the eval split ---------

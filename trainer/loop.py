@@ -164,14 +164,14 @@ def train(run, workdir: str, config_text: str = '') -> dict:
         if pending is not None:
           log(*pending)
           pending = None
+        if do_save:   # first: an evaluation that fails must not cost the checkpoint
+          ckpt.save(done, state, {'step': done, 'data_position': done,
+                                  'experiment': s.experiment})
         if do_eval or do_judge:
           eval_metrics = evaluator(state.ema if s.ema_decay else state.params, done,
                                    split=do_eval, judge=do_judge)
         if do_sample:
           sample(state, done)
-        if do_save:
-          ckpt.save(done, state, {'step': done, 'data_position': done,
-                                  'experiment': s.experiment})
         jax.block_until_ready(state)  # eval, samples and saves stay out of the timed interval
         timer_step, timer = done, time.perf_counter()
     bar.close()   # the last step is always a boundary, so nothing is left pending
