@@ -146,6 +146,7 @@ def trained_workdir(tmp_path_factory):
     (['--exp=ViT_S_ImageNet', '--set', "IMAGE_FOLDER='/nonexistent/images'"],
      'IMAGE_FOLDER /nonexistent/images is not a directory'),
 ])
+@pytest.mark.xdist_group('bad_input')   # one worker: the trained workdir is made once
 def test_bad_input_fails_in_one_line_and_keeps_checkpoints(trained_workdir, args, message):
   before = _tree_digest(os.path.join(trained_workdir, 'checkpoints'))
   result = launch(*args, f'--workdir={trained_workdir}')

@@ -7,6 +7,9 @@ import pytest
 from tests.test_launch import launch, ok
 from trainer.sampling import spread_labels
 
+# one worker for the whole file: its trained checkpoints are shared fixtures
+pytestmark = pytest.mark.xdist_group('sampling')
+
 TINY = ['--set', 'NUM_STEPS=2', '--set', 'CKPT_EVERY=2', '--set', 'EVAL_BATCHES=1',
         '--set', 'SAMPLES_PER_CLASS=1', '--set', 'DENOISE_STEPS=2']
 
@@ -100,6 +103,15 @@ def test_gpt_continues_held_out_prompts(tmp_path):
     assert isinstance(r['continuation'], str)
   ok(launch(*args, f'--out={tmp_path / "b.jsonl"}'))
   assert (tmp_path / 'b.jsonl').read_text() == (tmp_path / 'a.jsonl').read_text()
+
+  # --mode=eval on the same checkpoint: held-out loss, accuracy and perplexity = exp(loss)
+  out = ok(launch('--exp=GPT_T_Synthetic', f'--workdir={wd}', '--mode=eval',
+                  '--set', 'EVAL_BATCHES=2', '--set', 'SAMPLE_TOKENS=4'))
+  record = json.loads(out.stdout.strip().splitlines()[-1])
+  assert set(record) == {'experiment', 'step', 'params', 'loss', 'accuracy', 'perplexity'}
+  assert record['perplexity'] == pytest.approx(np.exp(record['loss']), rel=1e-6)
+  assert record['step'] == 2 and 0 <= record['accuracy'] <= 1
+  assert 'held-out continuations' in out.stderr
 
 
 def test_top_p_keeps_the_smallest_set_holding_p():

@@ -49,7 +49,11 @@ class Evaluator:
       logging.warning('eval/%s is off for this run: %s', self.judge.name, self.judge.problem)
     self._judge_ready = False
     if self.judge is not None and self.judge.problem is None:
-      self._prepare_judge()   # at the start: a reference that cannot be computed fails now
+      try:   # at the start, so that a judge that cannot work is known before training
+        self._prepare_judge()
+      except state_lib.TrainError as e:
+        self.judge.problem = str(e)
+        logging.warning('eval/%s is off for this run: %s', self.judge.name, e)
     self._text = hasattr(run.task, 'continue_prompts') and getattr(run, 'eval_data', None)
 
   # ------------------------------------------------------------------ the eval split ---------
@@ -90,9 +94,9 @@ class Evaluator:
       for batch in it:
         if 'image' not in batch:
           raise state_lib.TrainError(
-              f'eval/{judge.name}: the eval data has no images to compute reference statistics '
-              f'from (pre-encoded latents?); pass a statistics file (FID_REF, from '
-              'tools/fid_stats.py)')
+              'the eval data holds no images (pre-encoded latents?) to compute reference '
+              'statistics from; pass a statistics file: FID_REF=PATH (tools/fid_stats.py makes '
+              'one from the image dataset)')
         x = jax.make_array_from_process_local_data(self.batch_sharding, batch['image'])
         mask = jax.make_array_from_process_local_data(self.batch_sharding, batch['mask'])
         out = self._features(self.judge_params, x)['features']
