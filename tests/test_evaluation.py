@@ -12,12 +12,9 @@ import scipy.special
 from input.fashion_mnist import FashionMNIST
 from models.vit import ViT
 from tasks.classification import Classification
-from tests.test_launch import launch, ok
+from tests.test_launch import launch, ok, trained_once
 from tests.test_sampling import snapshot
 from trainer.summaries import read_scalars
-
-# one worker for the whole file: its trained checkpoints are shared fixtures
-pytestmark = pytest.mark.xdist_group('evaluation')
 
 TINY = ['--set', 'NUM_STEPS=2', '--set', 'CKPT_EVERY=2', '--set', 'EVAL_BATCHES=1']
 
@@ -56,12 +53,10 @@ def test_eval_split_is_read_exactly_once_over_two_processes():
   assert 0.02 < metrics['accuracy'] < 0.98    # a real mix of right and wrong
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def classifier(tmp_path_factory):
   """A tiny trained ViT_T_Synthetic: evaluated, and the judge of DiT_T_Synthetic's samples."""
-  wd = str(tmp_path_factory.mktemp('vit') / 'wd')
-  ok(launch('--exp=ViT_T_Synthetic', f'--workdir={wd}', *TINY))
-  return wd
+  return trained_once(tmp_path_factory, 'vit', '--exp=ViT_T_Synthetic', *TINY)[0]
 
 
 def test_eval_mode_prints_one_json_line_and_reads_only(classifier):
@@ -115,27 +110,25 @@ JUDGED = ['--set', 'FID_NUM=6', '--set', 'FID_EVERY=1', '--set', 'FID_BATCH=4',
           '--set', 'DENOISE_STEPS=2']
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def judged(classifier, tmp_path_factory):
-  """DiT_T_Synthetic judged by the trained ViT_T_Synthetic every step: (workdir, stdout)."""
-  wd = str(tmp_path_factory.mktemp('dit') / 'wd')
-  out = ok(launch('--exp=DiT_T_Synthetic', f'--workdir={wd}', *TINY, *JUDGED,
-                  '--set', f'JUDGE_DIR={classifier}', '--set', 'SAMPLES_PER_CLASS=1',
-                  '--set', 'EVAL_EVERY=2'))
-  return wd, out.stdout
+  """DiT_T_Synthetic judged by the trained ViT_T_Synthetic every step: (workdir, stderr)."""
+  return trained_once(tmp_path_factory, 'dit-judged', '--exp=DiT_T_Synthetic', *TINY, *JUDGED,
+                      '--set', f'JUDGE_DIR={classifier}', '--set', 'SAMPLES_PER_CLASS=1',
+                      '--set', 'EVAL_EVERY=2')
 
 
 def test_classifier_judges_the_samples_in_training_and_eval(classifier, judged):
   """eval/fd_syn and eval/class_consistency at every step (FID_EVERY=1), the split's loss only
   at EVAL_EVERY; --mode=eval on 2 devices gives the numbers training logged on 1."""
-  wd, stdout = judged
+  wd, stderr = judged
   scalars = read_scalars(os.path.join(wd, 'tensorboard'))
   assert [s for s, _ in scalars['eval/fd_syn']] == [1, 2]
   assert [s for s, _ in scalars['eval/class_consistency']] == [1, 2]
   assert [s for s, _ in scalars['eval/loss']] == [2]
   assert all(np.isfinite(v) and v > 0 for _, v in scalars['eval/fd_syn'])
   assert all(v * 6 == round(v * 6) for _, v in scalars['eval/class_consistency'])
-  assert 'fd_syn=' in stdout and 'class_consistency=' in stdout
+  assert 'fd_syn=' in stderr and 'class_consistency=' in stderr   # the eval log line
 
   result = ok(launch('--exp=DiT_T_Synthetic', f'--workdir={wd}', '--mode=eval', *JUDGED,
                      '--set', f'JUDGE_DIR={classifier}', '--set', 'EVAL_BATCHES=1', devices=2))
@@ -153,9 +146,10 @@ def test_eval_mode_reports_fid_with_inception_weights(judged, tmp_path):
   weights = str(tmp_path / 'inception.npz')
   inception.save(inception.FIDInception.random().params, weights)
   wd, _ = judged
-  args = ['--exp=DiT_T_Synthetic', f'--workdir={wd}', '--mode=eval', '--set', 'FID_NUM=4',
-          '--set', 'FID_BATCH=4', '--set', f'INCEPTION_PATH={weights}', '--set', 'FID_REF_NUM=8',
-          '--set', 'EVAL_BATCHES=1', '--set', 'DENOISE_STEPS=2']
+  # 16 samples at once, as the eval split's batches of 16: one Inception compilation
+  args = ['--exp=DiT_T_Synthetic', f'--workdir={wd}', '--mode=eval', '--set', 'FID_NUM=16',
+          '--set', 'FID_BATCH=16', '--set', f'INCEPTION_PATH={weights}',
+          '--set', 'FID_REF_NUM=16', '--set', 'EVAL_BATCHES=1', '--set', 'DENOISE_STEPS=2']
   record = json.loads(ok(launch(*args)).stdout.strip().splitlines()[-1])
   assert set(record) == {'experiment', 'step', 'params', 'loss', 'fid'}
   assert np.isfinite(record['fid']) and record['fid'] > 0

@@ -26,6 +26,20 @@ def ok(result):
   return result
 
 
+def trained_once(tmp_path_factory, name, *args):
+  """(workdir, stderr) of `launch.py --workdir=<dir> *args`, run once per test session across
+  all xdist workers (their temp dirs share a parent; a file lock serialises the first run), for
+  the tiny checkpoints several tests only read."""
+  import filelock
+  root = tmp_path_factory.getbasetemp().parent
+  wd, log = root / f'shared-{name}', root / f'shared-{name}.stderr'
+  with filelock.FileLock(str(root / f'shared-{name}.lock')):
+    if not log.exists():
+      result = ok(launch(f'--workdir={wd}', *args))
+      log.write_text(result.stderr)
+  return str(wd), log.read_text()
+
+
 def final_params(workdir, step):
   import orbax.checkpoint as ocp
   tree = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', str(step),
@@ -126,12 +140,10 @@ def _tree_digest(path):
   return h.hexdigest()
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def trained_workdir(tmp_path_factory):
-  wd = str(tmp_path_factory.mktemp('existing'))
-  ok(launch('--exp=ViT_T_Synthetic', f'--workdir={wd}', '--set', 'NUM_STEPS=2',
-            '--set', 'LOG_EVERY=1'))
-  return wd
+  return trained_once(tmp_path_factory, 'vit-log-every-1', '--exp=ViT_T_Synthetic',
+                      '--set', 'NUM_STEPS=2', '--set', 'LOG_EVERY=1')[0]
 
 
 @pytest.mark.parametrize('args, message', [
@@ -146,7 +158,6 @@ def trained_workdir(tmp_path_factory):
     (['--exp=ViT_S_ImageNet', '--set', "IMAGE_FOLDER='/nonexistent/images'"],
      'IMAGE_FOLDER /nonexistent/images is not a directory'),
 ])
-@pytest.mark.xdist_group('bad_input')   # one worker: the trained workdir is made once
 def test_bad_input_fails_in_one_line_and_keeps_checkpoints(trained_workdir, args, message):
   before = _tree_digest(os.path.join(trained_workdir, 'checkpoints'))
   result = launch(*args, f'--workdir={trained_workdir}')

@@ -4,32 +4,30 @@ import os
 import numpy as np
 import pytest
 
-from tests.test_launch import launch, ok
+from tests.test_launch import launch, ok, trained_once
 from trainer.sampling import spread_labels
-
-# one worker for the whole file: its trained checkpoints are shared fixtures
-pytestmark = pytest.mark.xdist_group('sampling')
 
 TINY = ['--set', 'NUM_STEPS=2', '--set', 'CKPT_EVERY=2', '--set', 'EVAL_BATCHES=1',
         '--set', 'SAMPLES_PER_CLASS=1', '--set', 'DENOISE_STEPS=2']
 
 
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """A tiny DiT run, asked for FID with no Inception weights: it warns once and trains on."""
-  wd = str(tmp_path_factory.mktemp('dit') / 'wd')
-  result = ok(launch('--exp=DiT_T_Synthetic', f'--workdir={wd}', *TINY, '--set', 'FID_NUM=4',
-                     '--set', f'INCEPTION_PATH={wd}-absent.npz'))
-  with open(f'{wd}-stderr.txt', 'w') as f:
-    f.write(result.stderr)
-  return wd
+@pytest.fixture(scope='session')
+def trained_run(tmp_path_factory):
+  """A tiny DiT run, asked for FID with no Inception weights (it warns once and trains on):
+  (workdir, stderr)."""
+  return trained_once(tmp_path_factory, 'dit', '--exp=DiT_T_Synthetic', *TINY,
+                      '--set', 'FID_NUM=4', '--set', 'INCEPTION_PATH=absent/inception.npz')
 
 
-def test_missing_inception_weights_warn_once_and_training_goes_on(trained):
-  with open(f'{trained}-stderr.txt') as f:
-    stderr = f.read()
+@pytest.fixture(scope='session')
+def trained(trained_run):
+  return trained_run[0]
+
+
+def test_missing_inception_weights_warn_once_and_training_goes_on(trained_run):
+  trained, stderr = trained_run
   warnings = [line for line in stderr.splitlines() if 'eval/fid is off' in line]
-  assert len(warnings) == 1 and 'absent.npz' in warnings[0], stderr[-2000:]
+  assert len(warnings) == 1 and 'absent/inception.npz' in warnings[0], stderr[-2000:]
   assert 'convert_inception.py' in warnings[0]
   from trainer.summaries import read_scalars
   scalars = read_scalars(os.path.join(trained, 'tensorboard'))
