@@ -43,17 +43,16 @@ class Evaluator:
     self.eval_step = jax.jit(state_lib.make_eval_step(run.model, run.task, run.codec),
                              out_shardings=NamedSharding(mesh, P()))
     self.judge = getattr(run, 'judge', None)
+    self._judge_ready = False
     if self.judge is not None:
       self.judge.load()
-    if self.judge is not None and self.judge.problem:
-      logging.warning('eval/%s is off for this run: %s', self.judge.name, self.judge.problem)
-    self._judge_ready = False
-    if self.judge is not None and self.judge.problem is None:
-      try:   # at the start, so that a judge that cannot work is known before training
-        self._prepare_judge()
-      except state_lib.TrainError as e:
-        self.judge.problem = str(e)
-        logging.warning('eval/%s is off for this run: %s', self.judge.name, e)
+      if self.judge.problem is None:
+        try:   # at the start, so that a judge that cannot work is known before training
+          self._prepare_judge()
+        except state_lib.TrainError as e:
+          self.judge.problem = str(e)
+      if self.judge.problem:
+        logging.warning('eval/%s is off for this run: %s', self.judge.name, self.judge.problem)
     self._text = hasattr(run.task, 'continue_prompts') and getattr(run, 'eval_data', None)
 
   # ------------------------------------------------------------------ the eval split ---------
