@@ -116,6 +116,14 @@ def _max_pool_3x3(x):
   return nn.max_pool(x, (3, 3), strides=(1, 1), padding=_same(3, 3))   # pads with -inf
 
 
+def _branch(parent: nn.Module, features: int, kernel: tuple[int, int], name: str,
+            stride: int = 1) -> 'BasicConv2d':
+  """A block's BasicConv2d: 'same' padding at stride 1, none at stride 2 (the reductions)."""
+  padding = _same(*kernel) if stride == 1 else ((0, 0), (0, 0))
+  return BasicConv2d(features, kernel, (stride, stride), padding, dtype=parent.dtype,
+                     parent=parent, name=name)
+
+
 class InceptionA(nn.Module):
   """Mixed_5b-d (35x35): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
   pool_features: int
@@ -123,7 +131,7 @@ class InceptionA(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda f, k, name: BasicConv2d(f, k, padding=_same(*k), dtype=self.dtype, name=name)
+    conv = lambda f, k, name: _branch(self, f, k, name)
     b1 = conv(64, (1, 1), 'branch1x1')(x)
     b5 = conv(64, (5, 5), 'branch5x5_2')(conv(48, (1, 1), 'branch5x5_1')(x))
     b3 = conv(64, (1, 1), 'branch3x3dbl_1')(x)
@@ -138,9 +146,7 @@ class InceptionB(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda f, k, name, s=1: BasicConv2d(
-        f, k, (s, s), padding=_same(*k) if s == 1 else ((0, 0), (0, 0)), dtype=self.dtype,
-        name=name)
+    conv = lambda f, k, name, s=1: _branch(self, f, k, name, s)
     b3 = conv(384, (3, 3), 'branch3x3', s=2)(x)
     bd = conv(96, (3, 3), 'branch3x3dbl_2')(conv(64, (1, 1), 'branch3x3dbl_1')(x))
     bd = conv(96, (3, 3), 'branch3x3dbl_3', s=2)(bd)
@@ -154,7 +160,7 @@ class InceptionC(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda f, k, name: BasicConv2d(f, k, padding=_same(*k), dtype=self.dtype, name=name)
+    conv = lambda f, k, name: _branch(self, f, k, name)
     c7 = self.channels_7x7
     b1 = conv(192, (1, 1), 'branch1x1')(x)
     b7 = conv(c7, (1, 1), 'branch7x7_1')(x)
@@ -172,9 +178,7 @@ class InceptionD(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda f, k, name, s=1: BasicConv2d(
-        f, k, (s, s), padding=_same(*k) if s == 1 else ((0, 0), (0, 0)), dtype=self.dtype,
-        name=name)
+    conv = lambda f, k, name, s=1: _branch(self, f, k, name, s)
     b3 = conv(320, (3, 3), 'branch3x3_2', s=2)(conv(192, (1, 1), 'branch3x3_1')(x))
     b7 = conv(192, (1, 1), 'branch7x7x3_1')(x)
     b7 = conv(192, (7, 1), 'branch7x7x3_3')(conv(192, (1, 7), 'branch7x7x3_2')(b7))
@@ -190,7 +194,7 @@ class InceptionE(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda f, k, name: BasicConv2d(f, k, padding=_same(*k), dtype=self.dtype, name=name)
+    conv = lambda f, k, name: _branch(self, f, k, name)
     b1 = conv(320, (1, 1), 'branch1x1')(x)
     b3 = conv(384, (1, 1), 'branch3x3_1')(x)
     b3 = [conv(384, (1, 3), 'branch3x3_2a')(b3), conv(384, (3, 1), 'branch3x3_2b')(b3)]

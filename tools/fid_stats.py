@@ -82,6 +82,7 @@ def batches_of_source(cfg, split: str, batch: int, num: int):
   import numpy as np
 
   from tools.encode_latents import split_source
+  from trainer.sampling import to_uint8
   source = split_source(cfg, split, batch)
   n = min(num, source.num_examples) if num else source.num_examples
   with contextlib.closing(source.iterate(0, -(-n // batch))) as it:
@@ -89,8 +90,7 @@ def batches_of_source(cfg, split: str, batch: int, num: int):
       if 'image' not in b:
         raise SystemExit(f'fid_stats.py: {type(source).__name__} gives no images')
       keep = (b['mask'] > 0) & (i * batch + np.arange(batch) < n)
-      pixels = np.round(np.clip((b['image'] + 1) / 2, 0, 1) * 255).astype(np.uint8)
-      yield pixels[keep], b['label'][keep]
+      yield to_uint8(b['image'])[keep], b['label'][keep]
 
 
 def main(argv=None) -> int:
