@@ -36,11 +36,17 @@ flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'eval'], 'train (resuming
 flags.DEFINE_integer('num_samples', 64, '--mode=sample: how many samples.')
 flags.DEFINE_string('out', None, '--mode=sample: the .npz (images; a PNG grid goes beside '
                     'it) or .jsonl (text) to write.')
-flags.DEFINE_string('coordinator', None, 'host:port of process 0 for multi-host runs; '
-                    'omit on one host (or where jax.distributed auto-detects the cluster).')
+flags.DEFINE_string('coordinator', None, 'host:port of process 0 for multi-host runs; with '
+                    '--num_processes and --process_id. Omit all three on one host, or with '
+                    '--multihost where the cluster says them (SLURM, TPU pods, Open MPI).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
-flags.DEFINE_integer('process_id', None, 'This process (multi-host).')
+flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1 (multi-host).')
+flags.DEFINE_bool('multihost', False, 'Join a multi-host run whose processes are found by '
+                  'jax.distributed.initialize() from the cluster environment (SLURM, TPU pods, '
+                  'Open MPI); also switched on by ZOO_MULTIHOST=1.')
 FLAGS = flags.FLAGS
+
+MULTIHOST_ENV = 'ZOO_MULTIHOST'
 
 
 class UsageError(Exception):
@@ -143,12 +149,62 @@ def evaluate(cfg) -> dict:
   record = {'experiment': run.loop.experiment, 'step': step,
             'params': 'ema' if run.loop.ema_decay else 'trained', **metrics}
   if jax.process_index() == 0:
-    directory = os.path.join(FLAGS.workdir, 'eval')
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, f'step_{step}.json'), 'w') as f:
-      json.dump(record, f, indent=2)
+    from trainer import workdir as workdir_lib
+    workdir_lib.write_text(workdir_lib.join(workdir_lib.resolve(FLAGS.workdir), 'eval',
+                                            f'step_{step}.json'), json.dumps(record, indent=2))
     print(json.dumps(record))
   return record
+
+
+def cluster_processes() -> tuple[str, int] | None:
+  """(what, process count) of a multi-process cluster job visible in the environment, or None:
+  the cases where N copies of this command are N processes of one job."""
+  env = os.environ
+  for what, var in (('SLURM', 'SLURM_NTASKS'), ('Open MPI', 'OMPI_COMM_WORLD_SIZE'),
+                    ('PMI/MPICH', 'PMI_SIZE')):
+    if env.get(var, '').isdigit() and int(env[var]) > 1:
+      return what, int(env[var])
+  hosts = [h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]
+  if len(hosts) > 1:
+    return 'TPU pod', len(hosts)
+  return None
+
+
+def init_distributed() -> None:
+  """jax.distributed.initialize from the three flags, from the cluster's environment with
+  --multihost, or not at all; before any other use of JAX."""
+  import jax
+  # CPU hosts need a collectives backend to run one computation across processes; GPU and TPU
+  # ignore this setting.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  given = {'--coordinator': FLAGS.coordinator, '--num_processes': FLAGS.num_processes,
+           '--process_id': FLAGS.process_id}
+  wanted = FLAGS.multihost or os.environ.get(MULTIHOST_ENV, '').lower() in ('1', 'true', 'yes')
+  if any(v is not None for v in given.values()):
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+      raise UsageError(f'multi-host flags go together: {", ".join(missing)} missing (or drop '
+                       'all three and pass --multihost where the cluster provides them)')
+    if not 0 <= FLAGS.process_id < FLAGS.num_processes:
+      raise UsageError(f'--process_id={FLAGS.process_id} must be in [0, '
+                       f'--num_processes={FLAGS.num_processes})')
+    jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  elif wanted:
+    try:
+      jax.distributed.initialize()
+    except ValueError as e:   # JAX found no cluster environment to read
+      raise UsageError(f'--multihost: no cluster environment found ({e}); pass --coordinator, '
+                       '--num_processes and --process_id') from None
+  else:
+    cluster = cluster_processes()
+    if cluster:
+      logging.warning(
+          '%s reports %d processes but this one runs alone: each copy of this command trains '
+          'its own model into the same workdir. Pass --multihost (or set %s=1) so that they '
+          'form one run, or launch a single process.', cluster[0], cluster[1], MULTIHOST_ENV)
+    return
+  logging.info('process %d of %d, %d local of %d devices', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def main(argv):
@@ -159,13 +215,11 @@ def main(argv):
     print(list_experiments())
     return
   from experiments import base
-  _, cfg = base.build_config(FLAGS.exp, FLAGS.set)
+  exp, cfg = base.build_config(FLAGS.exp, FLAGS.set)
   if FLAGS.print_config:
     print(config_text(cfg))
     return
-  if FLAGS.coordinator or FLAGS.num_processes:
-    import jax
-    jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  init_distributed()
   if FLAGS.dry_run:
     print(dry_run(cfg))
     return
@@ -180,34 +234,51 @@ def main(argv):
 
   import jax
   from trainer import loop
+  from trainer import workdir as workdir_lib
   run = build(cfg)              # data and VAE load here: a missing one fails before any write
-  workdir = os.path.abspath(FLAGS.workdir)
-  text = config_text(cfg)
+  workdir = workdir_lib.resolve(FLAGS.workdir)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.txt'), 'w') as f:
-      f.write(text + '\n')
-    js = config_json(cfg)
-    if js is not None:
-      with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        f.write(js)
-    with open(os.path.join(workdir, 'knobs.json'), 'w') as f:
-      json.dump({'exp': FLAGS.exp, 'set': FLAGS.set}, f, indent=2)
-  metrics = loop.train(run, workdir, text)
+    workdir_lib.check_writable(workdir)
+  if jax.process_count() > 1 and not workdir_lib.is_url(workdir):
+    logging.warning('workdir %s is a local path: every host must see the same directory '
+                    '(NFS or another shared file system), or pass a bucket URL', workdir)
+  text = config_text(cfg)
+
+  def record(step):   # called once the workdir's checkpoint is known to fit this run
+    if jax.process_index() == 0:
+      workdir_lib.record_invocation(workdir, text, sys.argv, step)
+      js = config_json(cfg)
+      if js is not None:
+        workdir_lib.write_text(workdir_lib.join(workdir, 'config.json'), js)
+      workdir_lib.write_text(workdir_lib.join(workdir, 'knobs.json'), json.dumps(
+          {'exp': FLAGS.exp, 'set': FLAGS.set}, indent=2))
+
+  metrics = loop.train(run, workdir, text, knobs=exp.knob_values(), on_start=record)
   if metrics:
     print('final eval: ' + ', '.join(f'{k}={v:.4f}' for k, v in metrics.items()))
 
 
 def run_main(argv):
-  """app.run's entry, turning the errors a user can fix into one line and a non-zero exit."""
+  """app.run's entry, turning the errors a user can fix into one line and a non-zero exit.
+
+  Exit status: 0 done, or stopped by SIGTERM after saving (a preempted job that a scheduler
+  requeues); 130 stopped by SIGINT (Ctrl-C) after saving; 2 a bad command line; 1 any other
+  error a user can fix (the message says how). Internal errors keep their traceback."""
+  import signal
   from experiments.base import ConfigError
+  from trainer.checkpoint import SaveError
+  from trainer.loop import Stopped
   from trainer.state import TrainError
+  from trainer.workdir import WorkdirError
   try:
     main(argv)
+  except Stopped as e:
+    print(f'launch.py: {e}', file=sys.stderr)
+    sys.exit(130 if e.signum == signal.SIGINT else 0)
   except UsageError as e:
     print(f'launch.py: error: {e}', file=sys.stderr)
     sys.exit(2)
-  except (ConfigError, TrainError, FileNotFoundError, ImportError) as e:
+  except (ConfigError, TrainError, FileNotFoundError, ImportError, SaveError, WorkdirError) as e:
     print(f'launch.py: error: {type(e).__name__}: {e}', file=sys.stderr)
     sys.exit(1)
 

@@ -44,6 +44,7 @@ class LoopSettings:
   ckpt_every: int = 1000
   keep_ckpts: int = 3
   ema_decay: float = 0.0
+  max_bad_steps: int = 10          # consecutive non-finite steps (updates skipped) before stopping
   mesh: dict = dataclasses.field(default_factory=lambda: {'data': 1, 'fsdp': -1, 'tensor': 1})
   flops_per_example: int = 0       # forward matmul FLOPs, for TFLOP/s and MFU
   tokens_per_example: int = 0      # > 0 for language models: logs perf/tokens_per_s
@@ -90,6 +91,16 @@ class Experiment:
   CKPT_EVERY = 1000
   KEEP_CKPTS = 3
   MESH = {'data': 1, 'fsdp': -1, 'tensor': 1}
+  MAX_BAD_STEPS = 10              # consecutive steps with non-finite loss/grads, then stop
+
+  # Knob ranges checked by validate(), for whichever of them an experiment has.
+  AT_LEAST_ONE = ('NUM_STEPS', 'GLOBAL_BATCH', 'LOG_EVERY', 'EVAL_EVERY', 'CKPT_EVERY',
+                  'KEEP_CKPTS', 'HIDDEN', 'DEPTH', 'HEADS', 'PATCH', 'MAX_BAD_STEPS',
+                  'IMAGE_SIZE', 'SEQ_LEN', 'VOCAB_SIZE', 'NUM_CLASSES', 'DENOISE_STEPS')
+  AT_LEAST_ZERO = ('SAMPLE_EVERY', 'EVAL_BATCHES', 'WARMUP', 'WEIGHT_DECAY', 'GRAD_CLIP',
+                   'SEED', 'FID_NUM', 'FID_EVERY', 'FID_BATCH', 'DATA_WORKERS')
+  CHOICES = {'LR_SCHEDULE': ('constant', 'cosine'), 'DTYPE': ('float32', 'bfloat16'),
+             'ATTENTION_IMPL': ('einsum', 'xla', 'cudnn', 'auto')}
 
   def __init_subclass__(cls, abstract: bool = False, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -127,15 +138,24 @@ class Experiment:
 
   # -- shared -------------------------------------------------------------------------------------
   def validate(self) -> None:
-    """Shape arithmetic checked before anything is built, with both numbers in the message."""
+    """Ranges, choices and shape arithmetic, checked before anything is built; each message
+    names the knob and what would be valid."""
+    knobs = self.knob_values()
+    for name in self.AT_LEAST_ONE:
+      if isinstance(knobs.get(name), (int, float)) and knobs[name] < 1:
+        raise ConfigError(f'{name}={knobs[name]} must be at least 1')
+    for name in self.AT_LEAST_ZERO:
+      if isinstance(knobs.get(name), (int, float)) and knobs[name] < 0:
+        raise ConfigError(f'{name}={knobs[name]} must be at least 0 (0: see the knob\'s comment)')
+    for name, choices in self.CHOICES.items():
+      if name in knobs and knobs[name] not in choices:
+        raise ConfigError(f'{name}={knobs[name]!r}: use one of {", ".join(map(repr, choices))}')
+    if not 0 < self.LR:
+      raise ConfigError(f'LR={self.LR} must be positive')
+    if not 0 <= self.EMA_DECAY < 1:
+      raise ConfigError(f'EMA_DECAY={self.EMA_DECAY} must be in [0, 1) (0: no EMA)')
     if self.HIDDEN % self.HEADS:
       raise ConfigError(f'HIDDEN={self.HIDDEN} is not divisible by HEADS={self.HEADS}')
-    if self.GLOBAL_BATCH <= 0:
-      raise ConfigError(f'GLOBAL_BATCH={self.GLOBAL_BATCH} must be positive')
-    if self.LR_SCHEDULE not in ('constant', 'cosine'):
-      raise ConfigError(f"LR_SCHEDULE={self.LR_SCHEDULE!r}: use 'constant' or 'cosine'")
-    if self.DTYPE not in ('float32', 'bfloat16'):
-      raise ConfigError(f"DTYPE={self.DTYPE!r}: use 'float32' or 'bfloat16'")
 
   def optimizer(self) -> fdl.Config:
     return fdl.Config(adamw, lr=self.LR, warmup=self.WARMUP, schedule=self.LR_SCHEDULE,
@@ -147,7 +167,7 @@ class Experiment:
         LoopSettings, num_steps=self.NUM_STEPS, global_batch=self.GLOBAL_BATCH, seed=self.SEED,
         log_every=self.LOG_EVERY, eval_every=self.EVAL_EVERY, eval_batches=self.EVAL_BATCHES,
         sample_every=self.SAMPLE_EVERY, ckpt_every=self.CKPT_EVERY, keep_ckpts=self.KEEP_CKPTS,
-        ema_decay=self.EMA_DECAY, mesh=dict(self.MESH),
+        ema_decay=self.EMA_DECAY, max_bad_steps=self.MAX_BAD_STEPS, mesh=dict(self.MESH),
         flops_per_example=int(self.flops_per_example()),
         tokens_per_example=int(self.tokens_per_example()), experiment=type(self).__name__)
 
@@ -160,7 +180,15 @@ class Experiment:
 
   @classmethod
   def knobs(cls) -> dict[str, Any]:
-    return {k: getattr(cls, k) for k in dir(cls) if k.isupper() and not k.startswith('_')}
+    return {k: getattr(cls, k) for k in dir(cls) if k.isupper() and not k.startswith('_')
+            and k not in _NOT_KNOBS}
+
+  def knob_values(self) -> dict[str, Any]:
+    """This instance's knobs, overrides included."""
+    return {k: getattr(self, k) for k in type(self).knobs()}
+
+
+_NOT_KNOBS = frozenset({'AT_LEAST_ONE', 'AT_LEAST_ZERO', 'CHOICES'})
 
 
 # -- lookup ---------------------------------------------------------------------------------------
@@ -229,12 +257,37 @@ def build_config(name: str, overrides: list[str] = ()) -> tuple[Experiment, fdl.
       close = difflib.get_close_matches(key, list(knobs), n=3, cutoff=0.5)
       hint = f' Did you mean: {", ".join(close)}?' if close else ''
       raise ConfigError(f'--set {key}: {cls.__name__} has no knob {key!r}.{hint}')
+    check_type(key, value, knobs[key])
     setattr(exp, key, value)
   cfg = exp.config()
   for key, value in pairs:
     if '.' in key:
       set_path(cfg, key, value)
   return exp, cfg
+
+
+def check_type(key: str, value: Any, default: Any) -> None:
+  """An override must have its knob's kind of value: an int for an int knob (a float such as
+  1e3 is refused rather than truncated), a number for a float, a string for a string, ...
+  A knob whose default is None takes anything."""
+  if default is None or value is None and not isinstance(default, (int, float)):
+    return
+  if isinstance(default, bool):
+    ok, kind = isinstance(value, bool), 'True or False'
+  elif isinstance(default, int):
+    ok, kind = isinstance(value, int) and not isinstance(value, bool), 'an integer'
+  elif isinstance(default, float):
+    ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), 'a number'
+  elif isinstance(default, str):
+    ok, kind = isinstance(value, str), 'a string'
+  elif isinstance(default, (tuple, list)):
+    ok, kind = isinstance(value, (tuple, list)), 'a tuple'
+  elif isinstance(default, dict):
+    ok, kind = isinstance(value, dict), "a dict such as {'fsdp': 4}"
+  else:
+    return
+  if not ok:
+    raise ConfigError(f'--set {key}={value!r}: {key} takes {kind} (default {default!r})')
 
 
 def set_path(cfg: fdl.Config, path: str, value: Any) -> None:

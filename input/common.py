@@ -32,14 +32,16 @@ def process_split(process_index=None, process_count=None) -> tuple[int, int]:
   return process_index, process_count
 
 
-def process_rows(global_batch: int, process_index=None, process_count=None) -> slice:
-  """The rows of each global batch that this process loads."""
+def process_rows(global_batch: int, process_index=None, process_count=None) -> np.ndarray:
+  """The rows of each global batch that this process loads by default: its contiguous share.
+  The training loop replaces them with the rows its batch sharding places on this process's
+  devices (`Source.assign_rows`), which differ where a mesh replicates the batch across hosts."""
   process_index, process_count = process_split(process_index, process_count)
   if global_batch <= 0 or global_batch % process_count:
     raise ValueError(f'global_batch={global_batch} must be a positive multiple of '
                      f'process_count={process_count}')
   local = global_batch // process_count
-  return slice(process_index * local, (process_index + 1) * local)
+  return np.arange(process_index * local, (process_index + 1) * local)
 
 
 @functools.lru_cache(maxsize=8)
@@ -92,11 +94,21 @@ class Source:
   prefetch = 2     # batches prepared ahead of the consumer, per process
 
   def __init__(self, global_batch, seed=0, train=True, process_index=None, process_count=None):
-    self.rows = process_rows(global_batch, process_index, process_count)
     self.global_batch = global_batch
-    self.local_batch = self.rows.stop - self.rows.start
+    self.assign_rows(process_rows(global_batch, process_index, process_count))
     self.seed = seed
     self.train = train
+
+  def assign_rows(self, rows) -> None:
+    """Load these rows (indices into each global batch, ascending) from now on."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if (rows.ndim != 1 or not len(rows) or np.any(np.diff(rows) <= 0) or rows[0] < 0
+        or rows[-1] >= self.global_batch):
+      raise ValueError(f'rows must be ascending indices into a global batch of '
+                       f'{self.global_batch}, got {rows}')
+    rows.flags.writeable = False
+    self.rows = rows
+    self.local_batch = len(rows)
 
   def num_eval_batches(self) -> int:
     """Batches that cover the split exactly once (the last one padded)."""
@@ -142,7 +154,7 @@ class Source:
     return _Batches(iter(dataset))
 
   def _positions(self, step: int) -> np.ndarray:
-    return step * self.global_batch + np.arange(self.rows.start, self.rows.stop)
+    return step * self.global_batch + self.rows
 
   def _train_indices(self, step: int, positions: np.ndarray) -> np.ndarray:
     del step

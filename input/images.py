@@ -58,10 +58,9 @@ class ImageRecords(common.Source):
                        f'classes; set NUM_CLASSES={len(self.classes)}')
 
   def _examples(self, indices, step):
-    rows = range(self.rows.start, self.rows.stop)
     images = np.empty((len(indices), self.image_size, self.image_size, 3), np.float32)
     labels = np.empty((len(indices),), np.int32)
-    for i, (record, row) in enumerate(zip(self.records.read(indices), rows)):
+    for i, (record, row) in enumerate(zip(self.records.read(indices), self.rows)):
       # One generator per row of the global batch: the row's crop and flip do not depend on
       # which process or worker prepares it.
       rng = np.random.default_rng([self.seed, common.AUGMENT, step, row])

@@ -47,7 +47,7 @@ class SyntheticImages(_Synthetic):
     labels = self._rng(step).integers(self.num_classes, size=self.global_batch)[self.rows]
     shape = (self.image_size, self.image_size, self.channels)
     noise = np.stack([self._rng(step, row).standard_normal(shape, dtype=np.float32)
-                      for row in range(self.rows.start, self.rows.stop)])
+                      for row in self.rows])
     images = np.clip(self._prototypes[labels] + 0.25 * noise, -1, 1)
     return {'image': images.astype(np.float32), 'label': labels.astype(np.int32)}
 

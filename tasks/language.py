@@ -40,6 +40,17 @@ class LanguageModeling:
     new = min(self.sample_tokens, self.seq_len - prompts.shape[1])
     return generate(model, params, prompts, new, rng, self.temperature, self.top_k, self.top_p)
 
+  def check_batch(self, model, batch) -> None:
+    """Host-side check of a batch before it reaches the devices: a token id past the embedding
+    table would be read as garbage (NaN on some backends) without any error."""
+    tokens = batch['tokens']
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= model.vocab_size:
+      bad = lo if lo < 0 else hi
+      raise ValueError(f'token id {bad} is outside the model\'s vocabulary of '
+                       f'{model.vocab_size} (VOCAB_SIZE); set VOCAB_SIZE={max(hi + 1, 1)} or '
+                       'more, or check the tokenizer that made the data')
+
   def loss(self, model, params, batch, rng):
     del rng
     tokens = batch['tokens']

@@ -41,12 +41,30 @@ def test_deterministic_and_process_split(name, train):
 
 
 def test_process_rows():
-  assert common.process_rows(12, 2, 3) == slice(8, 12)
+  np.testing.assert_array_equal(common.process_rows(12, 2, 3), [8, 9, 10, 11])
   with pytest.raises(ValueError, match=r'(?s)global_batch=10.*process_count=4'):
     common.process_rows(10, 1, 4)
   with pytest.raises(ValueError, match=r'(?s)global_batch=10.*process_count=4'):
     synthetic.SyntheticTokens(global_batch=10, seq_len=4, process_index=0, process_count=4)
-  assert common.process_rows(4) == slice(0, 4)  # defaults come from JAX: one process here
+  # defaults come from JAX: one process here
+  np.testing.assert_array_equal(common.process_rows(4), np.arange(4))
+
+
+def test_assigned_rows_read_those_rows_of_the_global_batch():
+  """A process whose devices hold rows {0, 1, 4, 5} of a batch of 8 (a mesh that interleaves
+  hosts) reads exactly those rows of what one process reads whole."""
+  for make in (lambda **kw: synthetic.SyntheticImages(global_batch=8, image_size=4, channels=1,
+                                                      num_classes=3, **kw),
+               lambda **kw: synthetic.SyntheticTokens(global_batch=8, seq_len=5, **kw)):
+    whole = make(**ONE).batch(3)
+    part = make(**ONE)
+    part.assign_rows([0, 1, 4, 5])
+    assert part.local_batch == 4
+    assert_batches_equal(part.batch(3), {k: v[[0, 1, 4, 5]] for k, v in whole.items()})
+  source = synthetic.SyntheticTokens(global_batch=8, seq_len=5, **ONE)
+  for bad in ([1, 0], [0, 8], []):
+    with pytest.raises(ValueError, match='ascending indices into a global batch of 8'):
+      source.assign_rows(bad)
 
 
 def test_train_epochs_are_permutations():

@@ -14,15 +14,39 @@ with `jax.random.wrap_key_data` after restoring. The abstract state then holds a
 ShapeDtypeStruct and no typed key array ever reaches Orbax.
 
 Every process calls save and restore: Orbax coordinates the processes and writes `meta` once.
+
+Faults: Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a
+crash or a full disk mid-save leaves the previous steps as they were (the unfinished directory
+is ignored, and replaced when that step is saved again). A save that fails raises SaveError.
+`restore_latest` reads the newest step that restores cleanly; a step that does not (a file
+deleted or truncated, an empty directory) is moved aside to `<directory>.corrupt/`, never
+deleted, with a warning naming it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging as py_logging
 import os
+import re
+import time
 
+import jax
 from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
+
+from trainer import workdir as workdir_lib
+
+
+# How tensorstore reports a failed file operation inside the ValueError it raises.
+_IO_ERROR = re.compile(r'os_error_code|PERMISSION_DENIED|RESOURCE_EXHAUSTED|Error writing|'
+                       r'No space left|File too large|Read-only file system')
+
+
+class SaveError(OSError):
+  """A checkpoint could not be written (disk full, no permission, ...); earlier ones are intact."""
 
 
 def _drop_orbax_info(record: py_logging.LogRecord) -> bool:
@@ -34,14 +58,15 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
     # Orbax wants absolute paths, and a relative one would resolve against each process's
-    # own working directory.
-    self.directory = os.path.abspath(os.path.expanduser(directory))
+    # own working directory; URLs (gs://...) stay as they are.
+    self.directory = workdir_lib.resolve(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     # Orbax logs dozens of INFO lines per save through absl's one logger; keep its warnings only.
     absl_logger = py_logging.getLogger('absl')
     if _drop_orbax_info not in absl_logger.filters:
       absl_logger.addFilter(_drop_orbax_info)
+    self._last_saved = None
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=options,
@@ -71,11 +96,33 @@ class Checkpointer:
       self._manager.wait_until_finished()
       self._manager.delete(step)
     # force=True: save even where Orbax's own save-interval policy would skip the step.
-    self._manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                meta=ocp.args.JsonSave(meta)),
-        force=True)
+    self._last_saved = step
+    with self._saving(step):
+      self._manager.save(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  meta=ocp.args.JsonSave(meta)),
+          force=True)
+
+  @contextlib.contextmanager
+  def _saving(self, step):
+    """Turns a failed write (here, or surfacing from the background thread of an earlier async
+    save) into SaveError naming the directory and the steps still intact."""
+    try:
+      yield
+    except (OSError, ValueError, RuntimeError) as e:
+      if isinstance(e, SaveError) or not (isinstance(e, OSError) or _IO_ERROR.search(str(e))):
+        raise
+      step = self._last_saved if step is None else step   # an async save failing late
+      intact = [s for s in self.all_steps() if s != step]
+      what = 'the checkpoint' if step is None else f'the checkpoint of step {step}'
+      line = str(e).splitlines()[0] if str(e) else type(e).__name__
+      line = line if len(line) <= 400 else f'{line[:200]} ... {line[-200:]}'
+      raise SaveError(
+          f'writing {what} to {self.directory} failed ({line}); '
+          f'{f"steps {intact} are intact" if intact else "no earlier checkpoint exists"}. '
+          'Free disk space or fix the permissions, then rerun the same command to resume.'
+      ) from e
 
   def restore(self, abstract_state, step: int | None = None):
     """Returns `(state, meta)` of `step` (default: the latest).
@@ -106,9 +153,49 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return restored.meta
 
+  def restore_latest(self, abstract_state, check=None):
+    """(state, meta, step) of the newest step that restores cleanly, or (None, None, None) when
+    there is none. `check(step, meta, saved_tree)` (saved_tree: Orbax's metadata of the state,
+    shapes and dtypes only) runs first and may refuse the checkpoint by raising; anything a
+    damaged step raises while being read instead moves that step aside, and the next older one
+    is tried."""
+    self._manager.wait_until_finished()
+    while (step := self.latest_step()) is not None:
+      try:
+        meta = self.read_meta(step)
+        saved = self._manager.item_metadata(step)['state']
+        saved = saved.tree if hasattr(saved, 'tree') else saved
+      except Exception as e:   # noqa: BLE001 -- whatever a damaged step raises
+        self._quarantine(step, e)
+        continue
+      if check is not None:
+        check(step, meta, saved)
+      try:
+        state, meta = self.restore(abstract_state, step)
+      except Exception as e:   # noqa: BLE001
+        self._quarantine(step, e)
+        continue
+      return state, meta, step
+    return None, None, None
+
+  def _quarantine(self, step: int, error: Exception) -> None:
+    aside = epath.Path(self.directory + '.corrupt')
+    target = aside / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
+    logging.warning('checkpoint of step %d in %s cannot be restored (%s: %s); moving it to %s '
+                    'and trying the previous one', step, self.directory, type(error).__name__,
+                    str(error).splitlines()[0][:300] if str(error) else '', target)
+    if jax.process_index() == 0:
+      aside.mkdir(parents=True, exist_ok=True)
+      (epath.Path(self.directory) / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'quarantine checkpoint {step}')
+    self._manager.reload()
+
   def wait(self) -> None:
     """Blocks until a save still in flight is on disk."""
-    self._manager.wait_until_finished()
+    with self._saving(None):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    with self._saving(None):
+      self._manager.close()

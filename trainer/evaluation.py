@@ -40,6 +40,7 @@ class Evaluator:
     self.run, self.mesh, self.frozen, self.writer = run, mesh, frozen, writer
     s = run.loop
     self.batch_sharding = state_lib.batch_sharding(mesh, s.global_batch)
+    state_lib.feed([getattr(run, 'eval_data', None)], self.batch_sharding, s.global_batch)
     self.eval_step = jax.jit(state_lib.make_eval_step(run.model, run.task, run.codec),
                              out_shardings=NamedSharding(mesh, P()))
     self.judge = getattr(run, 'judge', None)
@@ -63,9 +64,7 @@ class Evaluator:
     sums = None
     with contextlib.closing(source.iterate(0, n)) as batches:
       for batch in batches:
-        batch = jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x)),
-            batch)
+        batch = state_lib.to_global(self.batch_sharding, batch, s.global_batch)
         out = jax.device_get(self.eval_step(params, batch, self.frozen))
         sums = out if sums is None else jax.tree.map(np.add, sums, out)
     self.split_batches = n
@@ -96,8 +95,8 @@ class Evaluator:
               'the eval data holds no images (pre-encoded latents?) to compute reference '
               'statistics from; pass a statistics file: FID_REF=PATH (tools/fid_stats.py makes '
               'one from the image dataset)')
-        x = jax.make_array_from_process_local_data(self.batch_sharding, batch['image'])
-        mask = jax.make_array_from_process_local_data(self.batch_sharding, batch['mask'])
+        x, mask = state_lib.to_global(self.batch_sharding, (batch['image'], batch['mask']),
+                                      source.global_batch)
         out = self._features(self.judge_params, x)['features']
         out, mask = (np.asarray(multihost_utils.process_allgather(a, tiled=True))
                      for a in (out, mask))

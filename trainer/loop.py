@@ -5,11 +5,19 @@
 
 Every process runs this same code on its own devices; each reads only its rows of the global
 batch, only process 0 writes TensorBoard events, and Orbax coordinates the checkpoint writes.
+
+What survives what (docs/FAULTS.md has the full list): SIGTERM or SIGINT finishes the step,
+saves and raises Stopped; a step with a non-finite loss or gradients changes nothing and is
+counted, and max_bad_steps of them in a row stop the run; a damaged latest checkpoint is moved
+aside and the previous one resumed; a checkpoint of another experiment or of other shapes is
+refused; an evaluation or sampling failure is logged and training goes on.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import signal
 import time
 
 import jax
@@ -23,25 +31,135 @@ from tqdm import tqdm
 from layers import sharding
 from trainer import flops
 from trainer import state as state_lib
+from trainer import workdir as workdir_lib
 from trainer.checkpoint import Checkpointer
 from trainer.evaluation import Evaluator
 from trainer.summaries import Summaries, image_grid, save_png
 
 
-def train(run, workdir: str, config_text: str = '') -> dict:
-  """Train `run` (a built RunConfig) in `workdir`; returns the last eval metrics."""
+class Stopped(Exception):
+  """Training stopped on a signal after saving the checkpoint of `step`; rerunning resumes."""
+
+  def __init__(self, signum: int, step: int):
+    self.signum, self.step = signum, step
+    super().__init__(f'stopped by {signal.Signals(signum).name} at step {step} after saving its '
+                     'checkpoint; rerun the same command to resume')
+
+
+class _StopSignals:
+  """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to stop after the current step.
+
+  With several processes they must all stop at the same step: JAX's distributed runtime already
+  catches SIGTERM and `reached_preemption_sync_point` agrees on a step through its coordination
+  service, with no device collective; SIGINT is passed on to it as SIGTERM. A second Ctrl-C
+  interrupts at once."""
+
+  def __init__(self):
+    self.signum = None
+    self.multi = jax.process_count() > 1
+    self._previous = {}
+    sigs = (signal.SIGINT,) if self.multi else (signal.SIGINT, signal.SIGTERM)
+    for sig in sigs:
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:   # not the main thread (a library caller): signals are theirs
+        pass
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+    logging.warning('%s received: finishing this step, saving a checkpoint, then stopping '
+                    '(Ctrl-C again to interrupt at once)', signal.Signals(signum).name)
+    if self.multi:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  def stop_at(self, step: int) -> bool:
+    if self.multi:
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signum = self.signum or signal.SIGTERM
+        return True
+      return False
+    return self.signum is not None
+
+  def restore(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _jsonable(value):
+  return json.loads(json.dumps(value, default=repr))
+
+
+def _param_shapes(tree) -> dict:
+  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in
+          jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))}
+
+
+def check_compatible(step, meta, saved, experiment, knobs, abstract, directory) -> None:
+  """Refuses (TrainError) a checkpoint of another experiment, or whose parameters have other
+  shapes than this run's, naming the knobs that differ; logs knobs that changed harmlessly."""
+  theirs = meta.get('experiment')
+  if theirs and theirs != experiment:
+    raise state_lib.TrainError(
+        f'{directory} holds checkpoints of {theirs} (step {step}), not {experiment}: pass '
+        f'--exp={theirs} to resume that run, or another --workdir; nothing was changed')
+  old = meta.get('knobs') or {}
+  new = _jsonable(knobs or {})
+  changed = {k: (old[k], new[k]) for k in sorted(new) if k in old and old[k] != new[k]}
+  diff = ', '.join(f'{k}={a!r} there, {b!r} here' for k, (a, b) in changed.items())
+  here, there = _param_shapes(abstract.params), _param_shapes(saved.get('params', {}))
+  has_ema = bool(jax.tree.leaves(saved.get('ema')))
+  if here != there or has_ema != (abstract.ema is not None):
+    where = sorted(set(here) ^ set(there)) or [k for k in here if here[k] != there[k]]
+    detail = (f'{where[0]} {there.get(where[0], "absent")} there, {here.get(where[0], "absent")} '
+              f'here' if where else 'EMA parameters present in one and not the other')
+    raise state_lib.TrainError(
+        f'the checkpoint of step {step} in {directory} does not fit this run of {experiment} '
+        f'({detail}); knobs that differ: {diff or "none recorded (the model code changed?)"}. '
+        'Use the checkpoint\'s knobs to resume it, or another --workdir; nothing was changed')
+  if changed:
+    logging.warning('resuming step %d with knobs changed since the checkpoint: %s', step, diff)
+
+
+def _ranges(rows) -> str:
+  rows, parts, start = list(rows), [], None
+  for i, r in enumerate(rows):
+    start = r if start is None else start
+    if i + 1 == len(rows) or rows[i + 1] != r + 1:
+      parts.append(f'{start}-{r}' if r > start else f'{r}')
+      start = None
+  return ', '.join(parts)
+
+
+def train(run, workdir: str, config_text: str = '', knobs: dict | None = None,
+          on_start=None) -> dict:
+  """Train `run` (a built RunConfig) in `workdir`; returns the last eval metrics.
+
+  `knobs` (the experiment's knob values) are stored with each checkpoint and compared on
+  resume; `on_start(step)` runs once the workdir's checkpoint is known to fit (launch.py
+  records the invocation there). Raises Stopped after a signal, TrainError for what a user can
+  fix (refused checkpoint, too many non-finite steps, bad data) and SaveError."""
   s = run.loop
   model, task, tx, lr_fn = run.model, run.task, run.optimizer.tx, run.optimizer.lr
   codec = run.codec       # a frozen VAE between the images and a latent model, or None
   is_main = jax.process_index() == 0
 
   # ---------------------------------------------------------------- mesh ----------------------
-  mesh = sharding.make_mesh(s.mesh)
+  try:
+    mesh = sharding.make_mesh(s.mesh)
+  except ValueError as e:
+    raise state_lib.TrainError(f'{e}; set MESH to fit {jax.device_count()} devices, e.g. '
+                               "--set \"MESH={'fsdp': -1}\"") from None
   rules = sharding.DEFAULT_RULES
   batch_sharding = state_lib.batch_sharding(mesh, s.global_batch)
   replicated = NamedSharding(mesh, P())
   logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size,
                jax.process_count())
+  rows = state_lib.process_rows(batch_sharding, s.global_batch)
+  logging.info('process %d of %d reads rows %s of each global batch of %d',
+               jax.process_index(), jax.process_count(), _ranges(rows), s.global_batch)
 
   # ---------------------------------------------------------------- state ---------------------
   init_state = state_lib.make_init_state(model, task, tx, s.ema_decay)
@@ -59,20 +177,23 @@ def train(run, workdir: str, config_text: str = '') -> dict:
   with contextlib.ExitStack() as stack:
     stack.enter_context(jax.set_mesh(mesh))
     stack.enter_context(nn.logical_axis_rules(rules))
-    ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=s.keep_ckpts)
+    ckpt = Checkpointer(workdir_lib.join(workdir, 'checkpoints'), keep=s.keep_ckpts)
     stack.callback(ckpt.close)   # waits for an async save still in flight
-    if ckpt.latest_step() is not None:
-      state, meta = ckpt.restore(abstract)
+    check = lambda step, meta, saved: check_compatible(step, meta, saved, s.experiment, knobs,
+                                                       abstract, ckpt.directory)
+    state, meta, _ = ckpt.restore_latest(abstract, check)
+    if state is not None:
       logging.info('Resuming from step %d (checkpoint in %s, data position %d).',
                    int(state.step), ckpt.directory, meta.get('data_position', -1))
-      if meta.get('experiment') not in (None, s.experiment):
-        logging.warning('workdir checkpoint came from experiment %s, not %s',
-                        meta.get('experiment'), s.experiment)
     else:
+      meta = {}
       state = state_lib.initialize(init_state, key, state_shardings)
       logging.info('Initialised %s parameters from seed %d.',
                    f'{state_lib.count_params(state.params):,}',
                    s.seed)
+    skipped = int(meta.get('skipped_steps', 0))   # non-finite steps over the whole run
+    if on_start is not None:
+      on_start(int(state.step))
 
     # -------------------------------------------------------------- steps ---------------------
     frozen, frozen_shardings = state_lib.place_frozen(codec, mesh, rules)
@@ -82,11 +203,10 @@ def train(run, workdir: str, config_text: str = '') -> dict:
                          out_shardings=(state_shardings, replicated), donate_argnums=0)
     decode = jax.jit(codec.decode) if codec is not None else lambda frozen, images: images
 
-    def to_global(local):
-      return jax.tree.map(
-          lambda x: jax.make_array_from_process_local_data(batch_sharding, np.asarray(x)), local)
+    state_lib.feed([run.train_data], batch_sharding, s.global_batch)
+    to_global = lambda local: state_lib.to_global(batch_sharding, local, s.global_batch)
 
-    writer = Summaries(os.path.join(workdir, 'tensorboard'))
+    writer = Summaries(workdir_lib.join(workdir, 'tensorboard'))
     start = int(state.step)
     if config_text and start == 0:
       writer.text('config', '```\n' + config_text + '\n```', 0)
@@ -98,32 +218,43 @@ def train(run, workdir: str, config_text: str = '') -> dict:
         return
       params = state.ema if s.ema_decay else state.params
       out = task.samples(model, params, jax.random.fold_in(jax.random.key(s.seed), step))
-      os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
+      path = lambda ext: workdir_lib.join(workdir, 'samples', f'step_{step}.{ext}')
       if 'images' in out:
         images = decode(frozen, out['images'])   # latents -> pixels with a codec
         images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
         grid = image_grid(images, out['ncols'], value_range=(-1, 1))
         writer.image('samples', grid, step)
         if is_main:
-          save_png(os.path.join(workdir, 'samples', f'step_{step}.png'), grid)
+          save_png(path('png'), grid)
       if 'text' in out:
         writer.text('samples', out['text'], step)
         if is_main:
-          with open(os.path.join(workdir, 'samples', f'step_{step}.txt'), 'w') as f:
-            f.write(out['text'])
+          workdir_lib.write_text(path('txt'), out['text'])
         logging.info('step %d sample: %r', step, out['text'][:300])
+
+    def guarded(what, fn, *args, **kwargs):
+      """Evaluation and sampling run after the step's checkpoint is saved; if they fail, the
+      traceback is logged and training goes on."""
+      try:
+        return fn(*args, **kwargs)
+      except Exception:   # noqa: BLE001 -- anything: the checkpoint is safe, the run goes on
+        logging.exception('%s at step %d failed; training goes on (the checkpoint of this step '
+                          'is saved)', what, args[-1] if args else -1)
+        return None
 
     # -------------------------------------------------------------- loop ----------------------
     peak = flops.peak_tflops(jax.devices()[0].device_kind)
     bar = tqdm(total=s.num_steps, initial=start, disable=not is_main, dynamic_ncols=True)
+    stack.callback(bar.close)   # before an error's message, which must start its own line
     pending = None                      # (step, metrics) read one step late
     timer_step, timer = start, time.perf_counter()
     eval_metrics = {}
 
     def log(step, metrics):
       nonlocal timer_step, timer
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != 'finite'}
       values = {f'learning/{k}': v for k, v in metrics.items()}
+      values['learning/skipped_steps'] = skipped
       now = time.perf_counter()
       if step > timer_step:
         step_time = (now - timer) / (step - timer_step)
@@ -140,43 +271,90 @@ def train(run, workdir: str, config_text: str = '') -> dict:
       timer_step, timer = step, now
       writer.scalars(values, step)
 
+    bad = []   # the current run of consecutive non-finite steps
+
+    def check_finite(step, metrics):
+      """Reads a step's `finite` flag one step late (the next step is queued already)."""
+      nonlocal skipped
+      if bool(metrics['finite']):
+        bad.clear()
+        return
+      skipped += 1
+      bad.append(step)
+      logging.warning('step %d: non-finite loss or gradients (loss %s, grad_norm %s); its '
+                      'update was skipped (%d in a row, %d in this run)', step,
+                      float(metrics['loss']), float(metrics['grad_norm']), len(bad), skipped)
+      if len(bad) >= s.max_bad_steps:
+        raise state_lib.TrainError(
+            f'{len(bad)} consecutive steps ({bad[0]} to {step}) had a non-finite loss or '
+            f'gradients (MAX_BAD_STEPS={s.max_bad_steps}); their updates were skipped, so the '
+            f'parameters and every checkpoint stay finite. Lower the learning rate (LR, now '
+            f'{float(metrics["lr"]):.3g} at this step) or a longer WARMUP, or check the data '
+            'of those steps')
+
+    check_batch = getattr(task, 'check_batch', None)
+    signals = _StopSignals()
+    stack.callback(signals.restore)
+    stopped = None
+    previous = None                     # (step, metrics) whose finite flag is still unread
     # prepared ahead, in order; closing stops Grain's threads and worker processes
     batches = stack.enter_context(contextlib.closing(run.train_data.iterate(start, s.num_steps)))
     for step in range(start, s.num_steps):
-      batch = to_global(next(batches))
-      state, metrics = train_step(state, batch, frozen)
+      local = next(batches)
+      if check_batch is not None:
+        try:
+          check_batch(model, local)
+        except ValueError as e:
+          raise state_lib.TrainError(f'training batch {step}: {e}') from None
+      state, metrics = train_step(state, to_global(local), frozen)
       done = step + 1
       last = done == s.num_steps
+      if previous is not None:
+        check_finite(*previous)
+      previous = (done, metrics)
       if step == start:   # keep compilation out of the timed interval
         jax.block_until_ready(metrics)
         timer_step, timer = done, time.perf_counter()
       if pending is not None:
         log(*pending)
         pending = None
-      if done % s.log_every == 0 or last:
+      stop = signals.stop_at(done)
+      if done % s.log_every == 0 or last or stop:
         pending = (done, metrics)
       bar.update(1)
-      do_eval = done % s.eval_every == 0 or last
-      do_judge = evaluator.judge_due(done, last)
-      do_sample = (s.sample_every and done % s.sample_every == 0) or last
-      do_save = done % s.ckpt_every == 0 or last
+      do_eval = (done % s.eval_every == 0 or last) and not stop
+      do_judge = evaluator.judge_due(done, last) and not stop
+      do_sample = ((s.sample_every and done % s.sample_every == 0) or last) and not stop
+      do_save = done % s.ckpt_every == 0 or last or stop
       if do_eval or do_judge or do_sample or do_save:
+        check_finite(*previous)
+        previous = None
         if pending is not None:
           log(*pending)
           pending = None
         if do_save:   # first: an evaluation that fails must not cost the checkpoint
           ckpt.save(done, state, {'step': done, 'data_position': done,
-                                  'experiment': s.experiment})
+                                  'experiment': s.experiment, 'skipped_steps': skipped,
+                                  'knobs': _jsonable(knobs or {})})
         if do_eval or do_judge:
-          eval_metrics = evaluator(state.ema if s.ema_decay else state.params, done,
-                                   split=do_eval, judge=do_judge)
+          eval_metrics = guarded('evaluation', evaluator,
+                                 state.ema if s.ema_decay else state.params, done,
+                                 split=do_eval, judge=do_judge) or eval_metrics
         if do_sample:
-          sample(state, done)
+          guarded('sampling', sample, state, done)
         jax.block_until_ready(state)  # eval, samples and saves stay out of the timed interval
         timer_step, timer = done, time.perf_counter()
+      if stop:
+        stopped = Stopped(signals.signum, done)
+        logging.warning('%s', stopped)
+        break
+    if previous is not None:
+      check_finite(*previous)
     bar.close()   # the last step is always a boundary, so nothing is left pending
     if start >= s.num_steps:
       logging.info('Nothing to do: the checkpoint is already at step %d of %d.', start,
                    s.num_steps)
     writer.close()
-    return eval_metrics
+  if stopped is not None:   # raised after the ExitStack: the checkpoint is on disk by now
+    raise stopped
+  return eval_metrics

@@ -3,7 +3,7 @@ checkpoint: what sampling, evaluation and exporting a model start from. Reads on
 the workdir is created or changed."""
 from __future__ import annotations
 
-import os
+from etils import epath
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +11,7 @@ import numpy as np
 
 from layers import sharding
 from trainer import state as state_lib
+from trainer import workdir as workdir_lib
 from trainer.checkpoint import Checkpointer
 
 
@@ -18,8 +19,8 @@ def latest_params(run, workdir: str, ema: bool = True):
   """(params, step, meta) of the latest checkpoint under `workdir`: the EMA parameters when the
   run keeps them and `ema`, else the trained ones; laid out on the run's mesh. The checkpoint
   must come from the run's own experiment (its record says which)."""
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  if not os.path.isdir(directory):   # checked first: the checkpointer would create it
+  directory = workdir_lib.join(workdir_lib.resolve(workdir), 'checkpoints')
+  if not epath.Path(directory).is_dir():   # checked first: the checkpointer would create it
     raise FileNotFoundError(f'no checkpoints in {workdir} (no {directory}); train there first')
   s = run.loop
   ckpt = Checkpointer(directory, async_save=False)

@@ -100,6 +100,7 @@ def continue_held_out(run, params, num_samples: int, key, mesh, desc: str | None
   held-out prompts (the first half of the eval split's first windows) continued by the model."""
   s, task, source = run.loop, run.task, run.eval_data
   rows = state_lib.batch_sharding(mesh, s.global_batch)
+  state_lib.feed([source], rows, s.global_batch)
   plen = task.seq_len // 2
   batches = -(-num_samples // s.global_batch)
   if batches > source.num_eval_batches():
@@ -111,8 +112,8 @@ def continue_held_out(run, params, num_samples: int, key, mesh, desc: str | None
   records = []
   for i in tqdm(range(batches), desc=desc, disable=desc is None or jax.process_index() != 0):
     local = source.batch(i)
-    prompts = jax.make_array_from_process_local_data(rows, local['tokens'][:, :plen])
-    mask = jax.make_array_from_process_local_data(rows, local['mask'])
+    prompts, mask = state_lib.to_global(rows, (local['tokens'][:, :plen], local['mask']),
+                                        s.global_batch)
     tokens = task.continue_prompts(run.model, params, prompts, jax.random.fold_in(key, i))
     tokens = np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
     mask = np.asarray(multihost_utils.process_allgather(mask, tiled=True))

@@ -31,6 +31,32 @@ def batch_sharding(mesh, global_batch: int):
   return NamedSharding(mesh, P(('data', 'fsdp')))
 
 
+def process_rows(sharding, global_batch: int) -> np.ndarray:
+  """The rows of each global batch that this process's devices hold, ascending, read off the
+  batch sharding's own device-to-index map. Where the mesh's other axes span hosts (tensor
+  parallelism across hosts, say), several processes hold the same rows and must load the same
+  data; dividing the batch by process_index alone would feed their replicas different rows."""
+  rows = set()
+  for index in sharding.addressable_devices_indices_map((global_batch,)).values():
+    rows.update(range(global_batch)[index[0]])
+  return np.array(sorted(rows), dtype=np.int64)
+
+
+def feed(sources, sharding, global_batch: int) -> None:
+  """Point each data source (None skipped) at this process's rows of the batch sharding."""
+  rows = process_rows(sharding, global_batch)
+  for source in sources:
+    if source is not None:
+      source.assign_rows(rows)
+
+
+def to_global(sharding, local, global_batch: int):
+  """This process's rows of a batch (a pytree of arrays, as from a fed source) -> global arrays.
+  The global shape is explicit: where one process holds the whole batch, local is global."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(
+      sharding, np.asarray(x), (global_batch, *np.shape(x)[1:])), local)
+
+
 @struct.dataclass
 class TrainState:
   step: jax.Array          # int32 scalar: number of steps taken
@@ -100,10 +126,16 @@ def make_train_step(model, task, tx, lr_fn, ema_decay: float, codec=None):
     ema = state.ema
     if ema_decay:
       ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
-               'param_norm': optax.global_norm(params), 'lr': lr_fn(state.step), **aux}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         ema=ema), metrics
+    grad_norm, param_norm = optax.global_norm(grads), optax.global_norm(params)
+    # A step whose loss, gradients or new parameters are not finite changes nothing but the
+    # step count (its batch is consumed): NaN never reaches the state, hence no checkpoint.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = {'loss': loss, 'grad_norm': grad_norm, 'param_norm': param_norm,
+               'lr': lr_fn(state.step), 'finite': finite, **aux}
+    return state.replace(step=state.step + 1, params=keep(params, state.params),
+                         opt_state=keep(opt_state, state.opt_state),
+                         ema=keep(ema, state.ema)), metrics
   return train_step
 
 

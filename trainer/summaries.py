@@ -7,6 +7,7 @@ is installed, a second or two once).
 from __future__ import annotations
 
 import glob
+import io
 import math
 import os
 import time
@@ -110,13 +111,16 @@ def image_grid(images: np.ndarray, ncols: int, pad: int = 1, *,
 
 
 def save_png(path: str, image: np.ndarray) -> None:
-  """Writes a uint8 HWC image (C 1 or 3) as PNG, creating the directory."""
+  """Writes a uint8 HWC image (C 1 or 3) as PNG, creating the directory (a local path or a
+  URL such as gs://...)."""
+  from trainer import workdir
   image = np.asarray(image)
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in (1, 3):
     raise ValueError(f'expected uint8 HWC with 1 or 3 channels, got {image.dtype} '
                      f'{image.shape}')
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+  data = io.BytesIO()
+  Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(data, format='PNG')
+  workdir.write_bytes(workdir.resolve(path), data.getvalue())
 
 
 def read_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
