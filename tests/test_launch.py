@@ -13,10 +13,10 @@ from trainer.summaries import read_scalars
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def launch(*args, devices=1, cwd=ROOT, extra_path=None):
+def launch(*args, devices=1, cwd=ROOT, extra_path=None, env=None):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(
       p for p in (ROOT, extra_path, os.environ.get('PYTHONPATH')) if p),
-      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', **(env or {}))
   return subprocess.run([sys.executable, os.path.join(ROOT, 'launch.py'), *args], env=env,
                         cwd=cwd, capture_output=True, text=True, timeout=600)
 
@@ -71,7 +71,12 @@ def test_family_trains_end_to_end(exp, tmp_path_factory):
   assert [v for _, v in scalars['learning/skipped_steps']] == [0] * 6
   assert 'eval/loss' in scalars
   assert 'process 0 of 1 reads rows 0-7 of each global batch of 8' in stderr
+  assert "'fsdp': 4" in stderr and 'over 4 devices' in stderr
   if exp.startswith('GPT'):
+    # every kernel whose model dim divides by 4 lands on fsdp; the largest is the token table
+    line = [l for l in stderr.splitlines() if 'sharded over fsdp' in l][0]
+    assert "largest ['token_embed']['embedding']:" in line and "(None, 'fsdp')" in line
+    assert int(line.split('] ')[1].split(' of ')[0]) >= 12   # every kernel, not only the table
     assert 'perf/tokens_per_s' in scalars
     # held-out prompts and their continuations, as text beside the eval metrics
     from tensorboard.backend.event_processing import event_accumulator as ea
@@ -86,22 +91,6 @@ def test_family_trains_end_to_end(exp, tmp_path_factory):
   samples = {'DiT': ['step_6.png'], 'GPT': ['step_6.txt'], 'ViT': None}[exp[:3]]
   if samples:
     assert os.listdir(os.path.join(wd, 'samples')) == samples
-
-
-def test_fsdp_on_8_devices_matches_1_device(tmp_path):
-  common = ['--exp=GPT_T_Synthetic', '--set', 'NUM_STEPS=3', '--set', 'LOG_EVERY=1',
-            '--set', 'GLOBAL_BATCH=16']
-  one = ok(launch(*common, f'--workdir={tmp_path / "one"}', devices=1))
-  eight = ok(launch(*common, f'--workdir={tmp_path / "eight"}', devices=8))
-  assert "'fsdp': 8" in eight.stderr and 'over 8 devices' in eight.stderr
-  # every kernel whose model dim divides by 8 lands on fsdp; the largest is the token table
-  line = [l for l in eight.stderr.splitlines() if 'sharded over fsdp' in l][0]
-  assert "largest ['token_embed']['embedding']:" in line and "(None, 'fsdp')" in line
-  assert int(line.split('] ')[1].split(' of ')[0]) >= 12   # every kernel, not only the table
-  l1 = [v for _, v in read_scalars(str(tmp_path / 'one' / 'tensorboard'))['learning/loss']]
-  l8 = [v for _, v in read_scalars(str(tmp_path / 'eight' / 'tensorboard'))['learning/loss']]
-  assert len(l1) == 3
-  assert_close_f32(l8, l1, rel=1e-5)   # 8 shards reduce in another order than 1
 
 
 def test_dry_run_prints_params_and_shardings():

@@ -118,9 +118,8 @@ def test_two_processes_match_one_and_sigterm_to_one_stops_both(tmp_path, tmp_pat
 
 
 def test_gpt_checkpoints_move_between_one_and_two_processes(tmp_path, tmp_path_factory):
-  """GPT on two processes matches one; its checkpoint resumes in one process on another mesh
-  (2 devices), and a 1-process checkpoint in two processes; both continue exactly as the
-  uninterrupted run did."""
+  """GPT on two processes matches one; its checkpoint resumes in one process on one device, and
+  a 1-process checkpoint in two processes; both continue as the uninterrupted run did."""
   exp = ['--exp=GPT_T_Synthetic', *FAMILY_RUN]
   reference, _ = family_run(tmp_path_factory, 'GPT_T_Synthetic')
   want = losses(reference)
@@ -128,8 +127,9 @@ def test_gpt_checkpoints_move_between_one_and_two_processes(tmp_path, tmp_path_f
   two = str(tmp_path / 'two_then_one')
   p0, p1 = launch_two(*exp, f'--workdir={two}', '--set', 'NUM_STEPS=3')
   check_two_process_run(p0, p1, two, reference, (1, 2, 3))
-  one = ok(launch(*exp, f'--workdir={two}', devices=2))
-  assert 'Resuming from step 3' in one.stderr and "'fsdp': 2" in one.stderr
+  # one device: the sharded run and the unsharded one train the same model
+  one = ok(launch(*exp, f'--workdir={two}', devices=1))
+  assert 'Resuming from step 3' in one.stderr and "'fsdp': 1" in one.stderr
   assert 'knobs changed since the checkpoint: NUM_STEPS=3 there, 6 here' in one.stderr
   got = losses(two)
   assert_close_f32([got[s] for s in (4, 5, 6)], [want[s] for s in (4, 5, 6)], rel=1e-5)
@@ -189,3 +189,15 @@ def test_rows_follow_the_batch_sharding_when_hosts_share_rows():
     assert p.returncode == 0, out[-3000:]
     assert 'rows [0, 1, 2, 3, 4, 5, 6, 7]' in out   # not process_index's half
 
+
+
+def test_a_cluster_job_without_multihost_warns():
+  """N copies of a command in an N-task SLURM job, without --multihost, would each train alone
+  into one workdir: say so."""
+  slurm = {'SLURM_JOB_ID': '7', 'SLURM_STEP_NODELIST': 'node1', 'SLURM_NTASKS': '4',
+           'SLURM_PROCID': '0', 'SLURM_LOCALID': '0'}
+  out = ok(launch('--exp=ViT_T_Synthetic', '--dry_run', env=slurm))
+  assert 'SLURM reports 4 processes but this one runs alone' in out.stderr
+  assert 'Pass --multihost (or set ZOO_MULTIHOST=1)' in out.stderr
+  quiet = ok(launch('--exp=ViT_T_Synthetic', '--dry_run'))
+  assert 'runs alone' not in quiet.stderr

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.test_launch import launch, ok, trained_once
+from tests.test_launch import FAMILY_RUN, family_run, launch, ok, trained_once
 from trainer.sampling import spread_labels
 
 TINY = ['--set', 'NUM_STEPS=2', '--set', 'CKPT_EVERY=2', '--set', 'EVAL_BATCHES=1',
@@ -83,19 +83,17 @@ def test_sample_errors_are_one_line(trained, tmp_path, args, message):
   assert not os.path.exists(tmp_path / 'empty')
 
 
-def test_gpt_continues_held_out_prompts(tmp_path):
+def test_gpt_continues_held_out_prompts(tmp_path, tmp_path_factory):
   import json
-  wd = str(tmp_path / 'wd')
-  ok(launch('--exp=GPT_T_Synthetic', f'--workdir={wd}', '--set', 'NUM_STEPS=2', '--set',
-            'CKPT_EVERY=2', '--set', 'EVAL_BATCHES=1', '--set', 'SAMPLE_TOKENS=4'))
-  args = ['--exp=GPT_T_Synthetic', f'--workdir={wd}', '--mode=sample', '--num_samples=5',
-          '--set', 'SAMPLE_TOKENS=6', '--set', 'TOP_P=0.9']
+  wd, _ = family_run(tmp_path_factory, 'GPT_T_Synthetic')   # its checkpoints are only read
+  args = ['--exp=GPT_T_Synthetic', f'--workdir={wd}', *FAMILY_RUN, '--mode=sample',
+          '--num_samples=5', '--set', 'SAMPLE_TOKENS=6', '--set', 'TOP_P=0.9']
   out = ok(launch(*args, f'--out={tmp_path / "a.jsonl"}', devices=2))
-  assert '5 continuations of step 2' in out.stdout
+  assert '5 continuations of step 6' in out.stdout
   records = [json.loads(line) for line in (tmp_path / 'a.jsonl').read_text().splitlines()]
   assert len(records) == 5
   from input.synthetic import SyntheticTokens
-  held_out = SyntheticTokens(16, 32, train=False).batch(0)['tokens']   # GPT_T_Synthetic's split
+  held_out = SyntheticTokens(8, 32, train=False).batch(0)['tokens']   # GPT_T_Synthetic's split
   for r, row in zip(records, held_out):
     assert r['prompt_tokens'] == row[:16].tolist() and len(r['tokens']) == 6
     assert isinstance(r['continuation'], str)
@@ -103,12 +101,12 @@ def test_gpt_continues_held_out_prompts(tmp_path):
   assert (tmp_path / 'b.jsonl').read_text() == (tmp_path / 'a.jsonl').read_text()
 
   # --mode=eval on the same checkpoint: held-out loss, accuracy and perplexity = exp(loss)
-  out = ok(launch('--exp=GPT_T_Synthetic', f'--workdir={wd}', '--mode=eval',
+  out = ok(launch('--exp=GPT_T_Synthetic', f'--workdir={wd}', *FAMILY_RUN, '--mode=eval',
                   '--set', 'EVAL_BATCHES=2', '--set', 'SAMPLE_TOKENS=4'))
   record = json.loads(out.stdout.strip().splitlines()[-1])
   assert set(record) == {'experiment', 'step', 'params', 'loss', 'accuracy', 'perplexity'}
   assert record['perplexity'] == pytest.approx(np.exp(record['loss']), rel=1e-6)
-  assert record['step'] == 2 and 0 <= record['accuracy'] <= 1
+  assert record['step'] == 6 and 0 <= record['accuracy'] <= 1
   assert 'held-out continuations' in out.stderr
 
 

@@ -8,7 +8,13 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator as ea
 
-from trainer.summaries import Summaries, image_grid, read_scalars, save_png
+from trainer.summaries import Summaries, crc32c, image_grid, read_scalars, save_png
+
+
+def test_crc32c_check_values():
+  # the published check value of CRC-32C (Castagnoli), and one from RFC 3720's examples
+  assert crc32c(b'123456789') == 0xE3069283
+  assert crc32c(bytes(32)) == 0x8A9136AA
 
 
 def load(logdir):
@@ -53,9 +59,9 @@ def test_image_and_text(tmp_path):
   assert (event.step, event.width, event.height) == (3, 7, 5)
   np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(event.encoded_image_string))),
                                 rgb)
-  decoded = np.asarray(Image.open(io.BytesIO(acc.Images('samples/gray')[0].encoded_image_string)))
-  np.testing.assert_array_equal(decoded[..., 0], np.round(gray[..., 0] * 255))
-  # tensorboardX stores text as a string tensor for the text plugin, under tag + '/text_summary'.
+  decoded = Image.open(io.BytesIO(acc.Images('samples/gray')[0].encoded_image_string))
+  np.testing.assert_array_equal(np.asarray(decoded.convert('L')), np.round(gray[..., 0] * 255))
+  # text is a string tensor for TensorBoard's text plugin, under tag + '/text_summary'
   assert acc.Tags()['tensors'] == ['config/text_summary']
   assert acc.SummaryMetadata('config/text_summary').plugin_data.plugin_name == 'text'
   text = acc.Tensors('config/text_summary')[0]

@@ -352,12 +352,6 @@ def main(argv=None) -> int:
     print(markdown_table(load_results(args.summarize)))
     return 0
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  if os.environ.get('BENCHMARK_ALLOW_TORCH') != '1':
-    # trainer.loop imports tensorboardX, which imports torch wherever it is installed (the GPU
-    # image has it): seconds per run and a second CUDA runtime in a process that measures JAX.
-    # Nothing here uses torch; a None entry makes `import torch` raise ImportError, which
-    # tensorboardX handles.
-    sys.modules.setdefault('torch', None)
   import jax
   if args.cpu_devices:
     jax.config.update('jax_num_cpu_devices', args.cpu_devices)  # before any backend starts

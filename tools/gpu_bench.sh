@@ -39,7 +39,7 @@ PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c 'import jax' 2>/dev/null && [ -x .venv/bin/python ]; then
   PYTHON=.venv/bin/python
 fi
-if ! "$PYTHON" -c 'import fiddle, tensorboardX' 2>/dev/null; then
+if ! "$PYTHON" -c 'import fiddle' 2>/dev/null; then
   if compgen -G '.whl/*.whl' >/dev/null; then
     say "== installing carried wheels: $(cd .whl && ls *.whl | tr '\n' ' ')"
     if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -49,7 +49,7 @@ if ! "$PYTHON" -c 'import fiddle, tensorboardX' 2>/dev/null; then
       say "!! wheel install failed (see bench.log); continuing"
     fi
   else
-    say "!! fiddle or tensorboardX missing and no .whl/*.whl carried: run tools/prepare_gpu_wheels.sh here and carry .whl"
+    say "!! fiddle missing and no .whl/*.whl carried: run tools/prepare_gpu_wheels.sh here and carry .whl"
   fi
 fi
 
@@ -69,7 +69,7 @@ print('python', platform.python_version())
 jax.print_environment_info()
 print('devices:', jax.devices())
 for name in ('jax', 'jaxlib', 'jax-cuda13-plugin', 'jax-cuda12-plugin', 'flax', 'optax',
-             'orbax-checkpoint', 'fiddle', 'libcst', 'tensorboardX', 'numpy'):
+             'orbax-checkpoint', 'fiddle', 'libcst', 'tensorboard', 'numpy'):
   try:
     print(f'  {name}=={md.version(name)}')
   except md.PackageNotFoundError:

@@ -12,16 +12,14 @@
 #                 typing-extensions
 #   graphviz      pure Python (fiddle's graph printer; the dot binary is not needed)
 #   libcst        imported by fiddle; compiled: the cp312 manylinux x86_64 wheel; needs pyyaml
-#   tensorboardX  trainer/summaries.py (imported by trainer/loop.py); needs numpy, packaging,
-#                 protobuf
 # Pure-Python wheels (py3-none-any) match the platform flags too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=.whl
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-PACKAGES=(fiddle graphviz libcst tensorboardX)
-DEFAULTS=(fiddle==0.3.1 graphviz==0.21 libcst==1.9.0 tensorboardX==2.6.5)
+PACKAGES=(fiddle graphviz libcst)
+DEFAULTS=(fiddle==0.3.1 graphviz==0.21 libcst==1.9.0)
 
 grep -qxF '/.whl/' .gitignore 2>/dev/null || grep -qxF '/.whl/' .git/info/exclude 2>/dev/null \
   || echo '/.whl/' >> .git/info/exclude

@@ -62,8 +62,14 @@ class Evaluator:
     n = source.num_eval_batches()
     n = min(n, s.eval_batches) if s.eval_batches else n
     sums = None
+    check = getattr(self.run.task, 'check_batch', None)
     with contextlib.closing(source.iterate(0, n)) as batches:
-      for batch in batches:
+      for i, batch in enumerate(batches):
+        if check is not None:
+          try:
+            check(self.run.model, batch)
+          except ValueError as e:
+            raise state_lib.TrainError(f'eval batch {i}: {e}') from None
         batch = state_lib.to_global(self.batch_sharding, batch, s.global_batch)
         out = jax.device_get(self.eval_step(params, batch, self.frozen))
         sums = out if sums is None else jax.tree.map(np.add, sums, out)

@@ -232,14 +232,14 @@ def train(run, workdir: str, config_text: str = '', knobs: dict | None = None,
           workdir_lib.write_text(path('txt'), out['text'])
         logging.info('step %d sample: %r', step, out['text'][:300])
 
-    def guarded(what, fn, *args, **kwargs):
+    def guarded(what, step, fn, *args, **kwargs):
       """Evaluation and sampling run after the step's checkpoint is saved; if they fail, the
       traceback is logged and training goes on."""
       try:
         return fn(*args, **kwargs)
       except Exception:   # noqa: BLE001 -- anything: the checkpoint is safe, the run goes on
         logging.exception('%s at step %d failed; training goes on (the checkpoint of this step '
-                          'is saved)', what, args[-1] if args else -1)
+                          'is saved)', what, step)
         return None
 
     # -------------------------------------------------------------- loop ----------------------
@@ -337,11 +337,11 @@ def train(run, workdir: str, config_text: str = '', knobs: dict | None = None,
                                   'experiment': s.experiment, 'skipped_steps': skipped,
                                   'knobs': _jsonable(knobs or {})})
         if do_eval or do_judge:
-          eval_metrics = guarded('evaluation', evaluator,
+          eval_metrics = guarded('evaluation', done, evaluator,
                                  state.ema if s.ema_decay else state.params, done,
                                  split=do_eval, judge=do_judge) or eval_metrics
         if do_sample:
-          guarded('sampling', sample, state, done)
+          guarded('sampling', done, sample, state, done)
         jax.block_until_ready(state)  # eval, samples and saves stay out of the timed interval
         timer_step, timer = done, time.perf_counter()
       if stop:

@@ -1,8 +1,8 @@
 """TensorBoard summaries, written by process 0 only, plus image helpers.
 
-Written with tensorboardX's protos and record writer, which need no TensorFlow (tensorboard's
-own writer imports TensorFlow wherever it is installed; tensorboardX imports torch where that
-is installed, a second or two once).
+Events are TFRecords of tensorboard's own Event protos, written here (record framing and CRC32C
+below): tensorboard's writer imports TensorFlow wherever it is installed, and tensorboardX
+imports torch, each seconds of start-up in every training process for a few small protos.
 """
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import glob
 import io
 import math
 import os
+import socket
+import struct
 import time
 import uuid
 
@@ -18,65 +20,118 @@ import numpy as np
 from PIL import Image
 
 
+def _crc32c_table() -> list[int]:
+  table = []
+  for byte in range(256):
+    crc = byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1   # Castagnoli, reflected
+    table.append(crc)
+  return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+  crc = 0xFFFFFFFF
+  table = _CRC32C
+  for byte in data:
+    crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> bytes:
+  """TFRecord's masked CRC32C of `data`, little-endian."""
+  crc = crc32c(data)
+  return struct.pack('<I', (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+def tfrecord(data: bytes) -> bytes:
+  """One TFRecord: length, its masked CRC, the data, its masked CRC."""
+  length = struct.pack('<Q', len(data))
+  return length + _masked_crc(length) + data + _masked_crc(data)
+
+
 class Summaries:
   """Scalars, images and text for TensorBoard; every method is a no-op when disabled.
 
   Events are written synchronously and flushed after every call: a few small writes every
   logging interval, in exchange for TensorBoard seeing them at once and a crash losing none.
-  (tensorboardX's SummaryWriter queues events to a thread whose flush() does not drain the
-  queue, so a test or a short run could find nothing on disk.)
+  A URL logdir (gs://...) is written through etils.epath; its file system may hold the bytes
+  until close().
   """
 
   def __init__(self, logdir: str, enabled: bool | None = None):
     if enabled is None:
       enabled = jax.process_index() == 0
-    self._writer = None
+    self._file = None
     if enabled:
-      # tensorboardX imports torch wherever installed: pay for it only where events are written
-      from tensorboardX import event_file_writer, record_writer, summary
-      from tensorboardX.proto import event_pb2
-      self._tbx, self._event = summary, event_pb2.Event
-      record_writer.directory_check(logdir)  # makedirs, or nothing for gs:// and s3://
-      # The file is named by time in whole seconds and host: without a unique suffix a
-      # run resumed within the same second would overwrite the earlier file.
-      self._writer = event_file_writer.EventsWriter(
-          os.path.join(logdir, 'events'), f'.{os.getpid()}.{uuid.uuid4().hex[:8]}')
+      from etils import epath
+      from tensorboard.compat.proto import event_pb2, summary_pb2
+      self._pb, self._event = summary_pb2, event_pb2.Event
+      directory = epath.Path(logdir)
+      directory.mkdir(parents=True, exist_ok=True)
+      # Named by time in whole seconds and host, as TensorBoard expects; the unique suffix keeps
+      # a run resumed within the same second from overwriting the earlier file.
+      name = (f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.'
+              f'{os.getpid()}.{uuid.uuid4().hex[:8]}')
+      self._file = (directory / name).open('wb')
+      self._append(self._event(wall_time=time.time(), file_version='brain.Event:2'))
 
   @property
   def enabled(self) -> bool:
-    return self._writer is not None
+    return self._file is not None
 
-  def _write(self, step: int, *summaries) -> None:
-    now = time.time()
-    for summary in summaries:
-      self._writer.write_event(self._event(wall_time=now, step=step, summary=summary))
-    self._writer.flush()
+  def _append(self, event) -> None:
+    self._file.write(tfrecord(event.SerializeToString()))
+
+  def _write(self, step: int, *values) -> None:
+    self._append(self._event(wall_time=time.time(), step=step,
+                             summary=self._pb.Summary(value=list(values))))
+    self._file.flush()
 
   def scalars(self, values: dict[str, float], step: int) -> None:
-    if self._writer:
-      self._write(step, *(self._tbx.scalar(tag, float(v)) for tag, v in values.items()))
+    if self._file:
+      self._write(step, *(self._pb.Summary.Value(tag=tag, simple_value=float(v))
+                          for tag, v in values.items()))
 
   def image(self, tag: str, image: np.ndarray, step: int) -> None:
     """`image` is HWC with C in {1, 3}: uint8, or float in [0, 1]."""
-    if self._writer:
-      self._write(step, self._tbx.image(tag, _to_uint8(image), dataformats='HWC'))
+    if self._file:
+      image = _to_uint8(image)
+      png = io.BytesIO()
+      Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(png, format='PNG')
+      h, w, c = image.shape
+      self._write(step, self._pb.Summary.Value(tag=tag, image=self._pb.Summary.Image(
+          height=h, width=w, colorspace=c, encoded_image_string=png.getvalue())))
 
   def text(self, tag: str, text: str, step: int) -> None:
     """Markdown, e.g. a config dump (indented 4 spaces to show verbatim) or samples.
 
-    TensorBoard lists it under the tag `<tag>/text_summary`.
+    TensorBoard's text plugin reads a string tensor; it is listed under `<tag>/text_summary`.
     """
-    if self._writer:
-      self._write(step, self._tbx.text(tag, text))
+    if self._file:
+      from tensorboard.compat.proto import tensor_pb2, tensor_shape_pb2
+      from tensorboard.plugins.text import plugin_data_pb2
+      metadata = self._pb.SummaryMetadata(plugin_data=self._pb.SummaryMetadata.PluginData(
+          plugin_name='text', content=plugin_data_pb2.TextPluginData(
+              version=0).SerializeToString()))
+      tensor = tensor_pb2.TensorProto(
+          dtype='DT_STRING', string_val=[text.encode('utf-8')],
+          tensor_shape=tensor_shape_pb2.TensorShapeProto(
+              dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)]))
+      self._write(step, self._pb.Summary.Value(tag=f'{tag}/text_summary', metadata=metadata,
+                                               tensor=tensor))
 
   def flush(self) -> None:
-    if self._writer:
-      self._writer.flush()
+    if self._file:
+      self._file.flush()
 
   def close(self) -> None:
-    if self._writer:
-      self._writer.close()
-      self._writer = None
+    if self._file:
+      self._file.close()
+      self._file = None
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
@@ -85,7 +140,7 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
     raise ValueError(f'expected an HWC image with 1 or 3 channels, got shape {image.shape}')
   if image.dtype == np.uint8:
     return image
-  # tensorboardX would scale floats by 255 and wrap around outside [0, 1]; clip and round here.
+  # floats scaled by 255 would wrap around outside [0, 1]; clip and round
   return np.round(np.clip(image.astype(np.float32), 0, 1) * 255).astype(np.uint8)
 
 
