@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 
 from tests.test_launch import (FAMILY_RUN, ROOT, _tree_digest, family_run, final_params,
-                               launch, ok)
+                               launch, ok, subprocess_env)
 from trainer.summaries import read_scalars
 
 
 def start(*args, devices=1, shell_prefix=''):
   """launch.py in a subprocess, run through `bash -c '<shell_prefix> exec ...'`."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env = subprocess_env(devices)
   return subprocess.Popen(['bash', '-c', f'{shell_prefix} exec "$@"', 'bash', sys.executable,
                            os.path.join(ROOT, 'launch.py'), *args], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

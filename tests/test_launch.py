@@ -13,10 +13,19 @@ from trainer.summaries import read_scalars
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def launch(*args, devices=1, cwd=ROOT, extra_path=None, env=None):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(
+def subprocess_env(devices, extra_path=None, **extra):
+  """The environment of a launch.py subprocess: CPU with `devices` fake devices, the repository
+  importable, and the session's shared compilation cache (conftest.py)."""
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(
       p for p in (ROOT, extra_path, os.environ.get('PYTHONPATH')) if p),
-      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}', **(env or {}))
+      XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+      JAX_COMPILATION_CACHE_DIR=os.environ['ZOO_TEST_XLA_CACHE'],
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', **extra)
+
+
+def launch(*args, devices=1, cwd=ROOT, extra_path=None, env=None):
+  env = subprocess_env(devices, extra_path, **(env or {}))
   return subprocess.run([sys.executable, os.path.join(ROOT, 'launch.py'), *args], env=env,
                         cwd=cwd, capture_output=True, text=True, timeout=600)
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.numerics import assert_close_f32
-from tests.test_launch import FAMILY_RUN, ROOT, family_run, launch, ok
+from tests.test_launch import FAMILY_RUN, ROOT, family_run, launch, ok, subprocess_env
 from trainer.summaries import read_scalars
 
 def free_port(low=20000, high=60000) -> int:
@@ -36,8 +36,7 @@ def start_two(*args, slurm=False, devices=2):
   port = free_port(61440, 65535) if slurm else free_port()
   procs = []
   for i in range(2):
-    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    env = subprocess_env(devices)
     if slurm:   # JAX derives the coordinator port from the job id: 61440 + id % 4096
       env.update(SLURM_JOB_ID=str(port - 61440 + 4096 * 7), SLURM_STEP_NODELIST='127.0.0.1',
                  SLURM_NTASKS='2', SLURM_PROCID=str(i), SLURM_LOCALID=str(i))
