@@ -1,8 +1,8 @@
 """TensorBoard summaries, written by process 0 only, plus image helpers.
 
-Events are TFRecords of tensorboard's own Event protos, written here (record framing and CRC32C
-below): tensorboard's writer imports TensorFlow wherever it is installed, and tensorboardX
-imports torch, each seconds of start-up in every training process for a few small protos.
+Events are tensorboard's own Event protos, framed by its RecordWriter (neither imports
+TensorFlow); tensorboard's event-file writer imports TensorFlow wherever it is installed, and
+tensorboardX imports torch, each seconds of start-up in every training process.
 """
 from __future__ import annotations
 
@@ -11,46 +11,12 @@ import io
 import math
 import os
 import socket
-import struct
 import time
 import uuid
 
 import jax
 import numpy as np
 from PIL import Image
-
-
-def _crc32c_table() -> list[int]:
-  table = []
-  for byte in range(256):
-    crc = byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1   # Castagnoli, reflected
-    table.append(crc)
-  return table
-
-
-_CRC32C = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  crc = 0xFFFFFFFF
-  table = _CRC32C
-  for byte in data:
-    crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> bytes:
-  """TFRecord's masked CRC32C of `data`, little-endian."""
-  crc = crc32c(data)
-  return struct.pack('<I', (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
-
-
-def tfrecord(data: bytes) -> bytes:
-  """One TFRecord: length, its masked CRC, the data, its masked CRC."""
-  length = struct.pack('<Q', len(data))
-  return length + _masked_crc(length) + data + _masked_crc(data)
 
 
 class Summaries:
@@ -69,6 +35,7 @@ class Summaries:
     if enabled:
       from etils import epath
       from tensorboard.compat.proto import event_pb2, summary_pb2
+      from tensorboard.summary.writer.record_writer import RecordWriter
       self._pb, self._event = summary_pb2, event_pb2.Event
       directory = epath.Path(logdir)
       directory.mkdir(parents=True, exist_ok=True)
@@ -76,7 +43,7 @@ class Summaries:
       # a run resumed within the same second from overwriting the earlier file.
       name = (f'events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.'
               f'{os.getpid()}.{uuid.uuid4().hex[:8]}')
-      self._file = (directory / name).open('wb')
+      self._file = RecordWriter((directory / name).open('wb'))
       self._append(self._event(wall_time=time.time(), file_version='brain.Event:2'))
 
   @property
@@ -84,7 +51,7 @@ class Summaries:
     return self._file is not None
 
   def _append(self, event) -> None:
-    self._file.write(tfrecord(event.SerializeToString()))
+    self._file.write(event.SerializeToString())
 
   def _write(self, step: int, *values) -> None:
     self._append(self._event(wall_time=time.time(), step=step,

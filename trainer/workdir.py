@@ -2,8 +2,8 @@
 
 A workdir is a local directory (made absolute, so that every process of a run means the same
 one) or a URL such as `gs://bucket/run`, which stays a URL: Orbax, the summary writer and
-`etils.epath` (the path library used here) all write to it. Writing to a bucket needs its file
-system package on every host (`pip install gcsfs` for gs://).
+`etils.epath` (the path library used here) all take it. epath reaches a bucket through its file
+system package (`pip install gcsfs` for gs://); no test here writes to a real bucket.
 """
 from __future__ import annotations
 
