@@ -4,7 +4,7 @@ from __future__ import annotations
 import fiddle as fdl
 
 from experiments import data
-from experiments.base import ConfigError, Experiment
+from experiments.base import AtScale, ConfigError, Experiment
 from input.latents import LatentRecords
 from models import dit
 from models import inception
@@ -108,7 +108,7 @@ class DiT(Experiment, abstract=True):
     return fdl.Config(dit.DiT, image_size=size, channels=channels,
                       patch=self.PATCH, hidden=self.HIDDEN, depth=self.DEPTH, heads=self.HEADS,
                       num_classes=self.NUM_CLASSES, mlp_ratio=self.MLP_RATIO,
-                      attention_impl=self.ATTENTION_IMPL, remat=self.REMAT, dtype=self.DTYPE)
+                      **self.backbone_fields())
 
   def task(self):
     size, channels = self.input_shape()
@@ -185,7 +185,7 @@ class DiT_T_Synthetic(data.SyntheticImageData, DiT):
   EMA_DECAY = 0.9
 
 
-class DiT_S_ImageNet256(data.ImageNet256Data, DiT):
+class DiT_S_ImageNet256(AtScale, data.ImageNet256Data, DiT):
   """DiT-S/2 on ImageNet 256x256 as the paper trains it, on the 32x32x4 latents of the Stable
   Diffusion VAE (33M params). Prepare the data once with `python tools/build_dataset.py
   imagenet2012 --data_dir=D --source=M` (M holds ILSVRC2012_img_train.tar and
@@ -242,7 +242,7 @@ class DiT_XL_ImageNet256(DiT_S_ImageNet256):
   HIDDEN, DEPTH, HEADS = dit.SIZES['XL']
 
 
-class DiT_B_Pixels256(DiT, abstract=True):
+class DiT_B_Pixels256(AtScale, DiT, abstract=True):
   """DiT-B/16 on 256x256 pixels at batch 64: the recipe the CelebA-HQ and LSUN runs share."""
   HIDDEN, DEPTH, HEADS = dit.SIZES['B']
   PATCH = 16
@@ -277,7 +277,7 @@ class DiT_B_LSUNChurch256(data.LSUNChurchData, DiT_B_Pixels256):
   SAMPLES_PER_CLASS = 16
 
 
-class DiT_XL_Synthetic(data.SyntheticImageData, DiT):
+class DiT_XL_Synthetic(AtScale, data.SyntheticImageData, DiT):
   """DiT-XL/2 at the ImageNet-256 latent shape on synthetic data, the speed benchmark's workload:
   `python tools/benchmark.py --exp=DiT_XL_Synthetic` (or `python launch.py
   --exp=DiT_XL_Synthetic --workdir=...`). One H200: 0.44 s per step of 256 with cuDNN attention."""
@@ -286,4 +286,3 @@ class DiT_XL_Synthetic(data.SyntheticImageData, DiT):
   CHANNELS = 4
   NUM_CLASSES = 1000
   GLOBAL_BATCH = 256
-  DTYPE = 'bfloat16'

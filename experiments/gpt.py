@@ -4,7 +4,7 @@ from __future__ import annotations
 import fiddle as fdl
 
 from experiments import data
-from experiments.base import Experiment
+from experiments.base import AtScale, Experiment
 from models import gpt
 from tasks.language import LanguageModeling
 
@@ -16,6 +16,8 @@ class GPT(Experiment, abstract=True):
   WEIGHT_DECAY = 0.1
   ADAM_B2 = 0.95
   TIE_EMBEDDINGS = True
+  VOCAB_MULTIPLE = 128             # the token table's rows: VOCAB_SIZE rounded up to a multiple
+  LOSS_CHUNK = 128                 # positions per cross-entropy chunk (models/gpt.py); 0: none
   SAMPLE_PROMPT = '\n'
   SAMPLE_TOKENS = 64
   TEMPERATURE = 0.8                # sampling: 0 is greedy
@@ -26,7 +28,8 @@ class GPT(Experiment, abstract=True):
     return fdl.Config(gpt.GPT, vocab_size=self.VOCAB_SIZE, max_len=self.SEQ_LEN,
                       hidden=self.HIDDEN, depth=self.DEPTH, heads=self.HEADS,
                       mlp_ratio=self.MLP_RATIO, tie_embeddings=self.TIE_EMBEDDINGS,
-                      attention_impl=self.ATTENTION_IMPL, remat=self.REMAT, dtype=self.DTYPE)
+                      vocab_multiple=self.VOCAB_MULTIPLE, loss_chunk=self.LOSS_CHUNK,
+                      **self.backbone_fields())
 
   def task(self):
     return fdl.Config(LanguageModeling, seq_len=self.SEQ_LEN, sample_prompt=self.SAMPLE_PROMPT,
@@ -78,7 +81,7 @@ class GPT_T_Synthetic(data.SyntheticTokenData, GPT):
   SAMPLE_TOKENS = 8
 
 
-class GPT_S_OWT(data.OpenWebTextData, GPT):
+class GPT_S_OWT(AtScale, data.OpenWebTextData, GPT):
   """GPT-S (384/12/6, 41M with tied embeddings) on OpenWebText at 1024 tokens:
   prepare the tokens once with `python tools/build_dataset.py openwebtext --data_dir=D
   [--source=M]` (M: .txt/.jsonl/.parquet files offline), then `python launch.py --exp=GPT_S_OWT
@@ -118,10 +121,15 @@ class GPT_XL_OWT(GPT_S_OWT):
   HIDDEN, DEPTH, HEADS = gpt.SIZES['XL']
 
 
-class GPT_S_Synthetic(data.SyntheticTokenData, GPT):
+class GPT_S_Synthetic(AtScale, data.SyntheticTokenData, GPT):
   """GPT-S at 1024 tokens on synthetic data, the speed benchmark's workload: `python
   tools/benchmark.py --exp=GPT_S_Synthetic`. One H200: 52 ms per step of 32 x 1024 (cuDNN)."""
   HIDDEN, DEPTH, HEADS = gpt.SIZES['S']
   SEQ_LEN = 1024
   GLOBAL_BATCH = 32
-  DTYPE = 'bfloat16'
+
+
+class GPT_B_Synthetic(GPT_S_Synthetic):
+  """GPT-B (the GPT-2 small shape) at 1024 tokens on synthetic data, the speed benchmark's
+  language workload: `python tools/benchmark.py --exp=GPT_B_Synthetic`."""
+  HIDDEN, DEPTH, HEADS = gpt.SIZES['B']

@@ -4,7 +4,7 @@ from __future__ import annotations
 import fiddle as fdl
 
 from experiments import data
-from experiments.base import ConfigError, Experiment
+from experiments.base import AtScale, ConfigError, Experiment
 from models import vit
 from tasks.classification import Classification
 
@@ -27,7 +27,7 @@ class ViT(Experiment, abstract=True):
     return fdl.Config(vit.ViT, image_size=self.IMAGE_SIZE, channels=self.CHANNELS,
                       patch=self.PATCH, hidden=self.HIDDEN, depth=self.DEPTH, heads=self.HEADS,
                       num_classes=self.NUM_CLASSES, mlp_ratio=self.MLP_RATIO,
-                      attention_impl=self.ATTENTION_IMPL, remat=self.REMAT, dtype=self.DTYPE)
+                      **self.backbone_fields())
 
   def task(self):
     return fdl.Config(Classification, num_classes=self.NUM_CLASSES, image_size=self.IMAGE_SIZE,
@@ -81,7 +81,7 @@ class ViT_T_Synthetic(data.SyntheticImageData, ViT):
   CKPT_EVERY = 10
 
 
-class ViT_S_ImageNet(data.ImageNetData, ViT):
+class ViT_S_ImageNet(AtScale, data.ImageNetData, ViT):
   """ViT-S/16 on ImageNet-1k at 224 px (22M params): prepare the data once with `python
   tools/build_dataset.py imagenet2012 --data_dir=D --source=M` (M holds ILSVRC2012_img_train.tar
   and ILSVRC2012_img_val.tar), then `python launch.py --exp=ViT_S_ImageNet --workdir=W --set
@@ -124,11 +124,10 @@ class ViT_L_ImageNet(ViT_S_ImageNet):
   HIDDEN, DEPTH, HEADS = vit.SIZES['L']
 
 
-class ViT_B_Synthetic(data.SyntheticImageData, ViT):
+class ViT_B_Synthetic(AtScale, data.SyntheticImageData, ViT):
   """ViT-B/16 at 224 px on synthetic data, the speed benchmark's workload: `python
   tools/benchmark.py --exp=ViT_B_Synthetic`. One H200: 0.11 s per step of 256."""
   HIDDEN, DEPTH, HEADS = vit.SIZES['B']
   IMAGE_SIZE = 224
   NUM_CLASSES = 1000
   GLOBAL_BATCH = 256
-  DTYPE = 'bfloat16'

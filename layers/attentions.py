@@ -44,7 +44,9 @@ def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
 
 
 class SelfAttention(nn.Module):
-  """Self-attention with separate q/k/v projections ('embed', 'heads', 'kv').
+  """Self-attention with separate q/k/v projections ('embed', 'heads', 'kv'), or with
+  `fused_qkv` one projection 'qkv' [d, 3, n, h] ('embed', 'qkv', 'heads', 'kv'): one matmul with
+  three times the output width instead of three.
 
   With `decode=True` keys and values go to a 'cache' collection of length `max_len`, taken from
   the input length at init (init with a [b, max_len, d] dummy). Each call then appends its l
@@ -57,6 +59,7 @@ class SelfAttention(nn.Module):
   use_bias: bool = True
   impl: str = 'einsum'
   decode: bool = False
+  fused_qkv: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -68,7 +71,15 @@ class SelfAttention(nn.Module):
     h = self.head_dim or d // n
     proj = lambda name: DenseGeneral((n, h), ('embed', 'heads', 'kv'), use_bias=self.use_bias,
                                      dtype=self.dtype, name=name)
-    q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)           # [b, l, n, h]
+    if self.fused_qkv:
+      # each of the three initialised as its separate projection would be (fans d and n*h)
+      init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=0,
+                                              out_axis=(2, 3), batch_axis=(1,))
+      qkv = DenseGeneral((3, n, h), ('embed', 'qkv', 'heads', 'kv'), use_bias=self.use_bias,
+                         kernel_init=init, dtype=self.dtype, name='qkv')(x)  # [b, l, 3, n, h]
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+      q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)         # [b, l, n, h]
     q = shard(q, ('act_batch', 'act_len', 'act_heads', None))
     k = shard(k, ('act_batch', 'act_len', 'act_heads', None))
     v = shard(v, ('act_batch', 'act_len', 'act_heads', None))

@@ -1,4 +1,5 @@
-"""Output heads: classifier, and DiT's final adaLN layer with patch output."""
+"""Output heads: classifier, DiT's final adaLN layer with patch output, and a language model's
+softmax cross-entropy over a large vocabulary computed in chunks of tokens."""
 from __future__ import annotations
 
 import jax
@@ -46,3 +47,43 @@ class FinalAdaLN(nn.Module):
     x = Dense(self.patch * self.patch * self.channels, ('embed', 'patch'),
               kernel_init=nn.initializers.zeros_init(), dtype=self.dtype, name='proj')(x)
     return unpatchify(x, self.patch, self.height, self.width)
+
+
+def vocab_logits(h, table, vocab_size: int, dtype=jnp.float32):
+  """h [..., d] against an output table [v_padded, d] -> float32 logits [..., v_padded] whose
+  padding columns (ids >= vocab_size) are -inf: no padding id is ever predicted or sampled."""
+  logits = jnp.einsum('...d,vd->...v', h.astype(dtype), table.astype(dtype),
+                      preferred_element_type=jnp.float32)
+  if table.shape[0] > vocab_size:
+    logits = jnp.where(jnp.arange(table.shape[0]) < vocab_size, logits, -jnp.inf)
+  return logits
+
+
+def token_cross_entropy(h, table, targets, vocab_size: int, chunk: int = 0,
+                        dtype=jnp.float32):
+  """Per-token softmax cross-entropy and argmax hits of next-token logits h . table^T.
+
+  h [b, l, d] final hidden states, table [v_padded, d] (the tied token table, or an untied head),
+  targets int [b, l] -> (nll float32 [b, l], correct bool [b, l]).
+
+  With `chunk` > 0 the positions are processed `chunk` at a time (all b rows of them together,
+  so a batch sharded over devices stays sharded) under jax.checkpoint: only [b, chunk, v] float32
+  logits exist at once, in the forward pass and again in the backward pass, which recomputes
+  them. With a GPT-2 vocabulary the whole batch's logits are b*l*50304*4 bytes (1.6 GiB at
+  8 x 1024 tokens), the memory peak of a small model's step. `chunk` = 0 materialises all of them
+  (the reference path); both give the same numbers.
+  """
+  def terms(hc, tc):
+    logits = vocab_logits(hc, table, vocab_size, dtype)                    # [.., v]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    hit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+    return lse - hit, logits.argmax(-1) == tc
+  b, l, d = h.shape
+  if not chunk or chunk >= l:
+    return terms(h, targets)
+  pad = -l % chunk
+  hs = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, d).swapaxes(0, 1)
+  ts = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, chunk).swapaxes(0, 1)
+  nll, correct = jax.lax.map(lambda args: jax.checkpoint(terms)(*args), (hs, ts))
+  unchunk = lambda x: x.swapaxes(0, 1).reshape(b, l + pad)[:, :l]
+  return unchunk(nll), unchunk(correct)

@@ -55,6 +55,8 @@ class Block(nn.Module):
   attention_impl: str = 'einsum'
   decode: bool = False
   dtype: jnp.dtype = jnp.float32
+  residual_dtype: jnp.dtype = jnp.float32
+  fused_qkv: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array | None = None) -> jax.Array:
@@ -67,23 +69,56 @@ class Block(nn.Module):
         raise ValueError('a conditioned Block needs the conditioning vector c')
       shift1, scale1, gate1, shift2, scale2, gate2 = AdaLNModulation(
           6, d, dtype=self.dtype, name='adaln')(c)
-    x = shard(x.astype(self.dtype), ACT)  # the residual stream runs in the compute dtype
+    # The residual stream keeps its own dtype (float32 by default): in bfloat16 the small
+    # updates of deep blocks would round away. The branches compute in `dtype`.
+    x = shard(x.astype(self.residual_dtype), ACT)
     h = norm('norm1')(x)
     if self.conditioned:
       h = modulate(h, shift1, scale1)
     h = SelfAttention(self.num_heads, causal=self.causal, impl=self.attention_impl,
-                      decode=self.decode, dtype=self.dtype, name='attn')(h)
-    x = x + (gate1 * h if self.conditioned else h)
+                      decode=self.decode, fused_qkv=self.fused_qkv, dtype=self.dtype,
+                      name='attn')(h)
+    x = x + (gate1 * h if self.conditioned else h).astype(x.dtype)
     h = norm('norm2')(x)
     if self.conditioned:
       h = modulate(h, shift2, scale2)
     h = Mlp(int(d * self.mlp_ratio), dtype=self.dtype, name='mlp')(h)
-    x = x + (gate2 * h if self.conditioned else h)
+    x = x + (gate2 * h if self.conditioned else h).astype(x.dtype)
     return shard(x, ACT)
 
 
+REMAT_POLICIES = ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable')
+
+
+def remat_policy(remat: str | bool):
+  """REMAT knob -> (recompute?, jax.checkpoint policy). True/False are 'full'/'none'."""
+  name = {True: 'full', False: 'none'}.get(remat, remat) if isinstance(remat, bool) else remat
+  if name not in REMAT_POLICIES:
+    raise ValueError(f'remat {remat!r}: use one of {REMAT_POLICIES}')
+  if name == 'none':
+    return False, None
+  return True, None if name == 'full' else getattr(jax.checkpoint_policies, name)
+
+
+class _ScanBlock(Block):
+  """A Block in nn.scan's (carry, xs) -> (carry, ys) form; c is broadcast to every layer."""
+
+  @nn.compact
+  def __call__(self, x, c):
+    return super().__call__(x, c), None
+
+
 class Backbone(nn.Module):
-  """`depth` Blocks; `remat` recomputes each block's activations in the backward pass."""
+  """`depth` Blocks.
+
+  `remat` ('none' | 'full' | 'dots_saveable' | 'dots_with_no_batch_dims_saveable', or a bool)
+  recomputes each block's activations in the backward pass, keeping what the policy saves.
+  `scan` runs one Block under nn.scan: its parameters are stacked on a leading 'layers' axis
+  (params['blocks'][...] of shape [depth, ...] instead of params['block0'] ... ['block{depth-1}']),
+  and the program holds one block body, so compile time does not grow with depth. It also keeps
+  XLA from fusing the backward pass across blocks, which on CPU duplicates elementwise work
+  quadratically in depth.
+  """
   depth: int
   num_heads: int
   mlp_ratio: float = 4.0
@@ -91,17 +126,59 @@ class Backbone(nn.Module):
   conditioned: bool = False
   norm_eps: float = 1e-6
   attention_impl: str = 'einsum'
-  remat: bool = False
+  remat: str | bool = 'none'
+  scan: bool = False
   decode: bool = False
   dtype: jnp.dtype = jnp.float32
+  residual_dtype: jnp.dtype = jnp.float32
+  fused_qkv: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array | None = None) -> jax.Array:
-    block_cls = nn.remat(Block, prevent_cse=True) if self.remat else Block
+    recompute, policy = remat_policy(self.remat)
+    x = x.astype(self.residual_dtype)   # a scan's carry keeps one dtype throughout
+    fields = (self.num_heads, self.mlp_ratio, self.causal, self.conditioned, self.norm_eps,
+              self.attention_impl, self.decode, self.dtype, self.residual_dtype, self.fused_qkv)
+    if self.scan:
+      block_cls = _ScanBlock
+      if recompute:
+        block_cls = nn.remat(block_cls, prevent_cse=False, policy=policy)
+      stack = nn.scan(block_cls, variable_axes={'params': 0, 'cache': 0},
+                      split_rngs={'params': True}, in_axes=nn.broadcast, length=self.depth,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = stack(*fields, name='blocks')(x, c)
+      return x
+    block_cls = nn.remat(Block, prevent_cse=True, policy=policy) if recompute else Block
     for i in range(self.depth):
-      x = block_cls(self.num_heads, self.mlp_ratio, self.causal, self.conditioned, self.norm_eps,
-                    self.attention_impl, self.decode, self.dtype, name=f'block{i}')(x, c)
+      x = block_cls(*fields, name=f'block{i}')(x, c)
     return x
+
+
+def stack_blocks(backbone_params: dict, depth: int) -> dict:
+  """Params of an unrolled Backbone ({'block0': ..., ...}) -> the scanned layout ({'blocks':
+  each leaf stacked on a leading [depth] axis}). Works on any tree with that top level (the
+  params, an EMA copy, optimizer moments shaped like the params)."""
+  missing = [f'block{i}' for i in range(depth) if f'block{i}' not in backbone_params]
+  if missing:
+    raise ValueError(f'not an unrolled backbone of depth {depth}: no {missing[0]}')
+  blocks = [backbone_params[f'block{i}'] for i in range(depth)]
+  rest = {k: v for k, v in backbone_params.items() if not _is_block_key(k)}
+  return {**rest, 'blocks': jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+def unstack_blocks(backbone_params: dict) -> dict:
+  """Inverse of `stack_blocks`: {'blocks': [depth, ...] leaves} -> {'block0': ..., ...}."""
+  if 'blocks' not in backbone_params:
+    raise ValueError('not a scanned backbone: no "blocks" entry')
+  stacked = backbone_params['blocks']
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  rest = {k: v for k, v in backbone_params.items() if k != 'blocks'}
+  return {**rest, **{f'block{i}': jax.tree.map(lambda x, i=i: x[i], stacked)
+                     for i in range(depth)}}
+
+
+def _is_block_key(key: str) -> bool:
+  return key.startswith('block') and key[5:].isdigit()
 
 
 def block_flops(length: int, dim: int, mlp_dim: int, conditioned: bool = False) -> int:

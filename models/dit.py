@@ -31,8 +31,11 @@ class DiT(nn.Module):
   mlp_ratio: float = 4.0
   time_scale: float = 1000.0   # t in [0, 1] is scaled so the sinusoid frequencies cover it
   attention_impl: str = 'einsum'
-  remat: bool = False
+  remat: str | bool = False
+  scan_layers: bool = False
   dtype: jnp.dtype = jnp.float32
+  residual_dtype: jnp.dtype = jnp.float32   # the blocks' residual stream (layers/transformers)
+  fused_qkv: bool = False
 
   @property
   def null_class(self) -> int:
@@ -53,8 +56,9 @@ class DiT(nn.Module):
     cond = cond + Embed(self.num_classes + 1, self.hidden, dtype=self.dtype, name='y_embed')(y)
     cond = shard(cond, ('act_batch', 'act_embed'))                                   # [b, d]
     h = Backbone(self.depth, self.heads, self.mlp_ratio, conditioned=True,
-                 attention_impl=self.attention_impl, remat=self.remat, dtype=self.dtype,
-                 name='backbone')(h, cond)
+                 attention_impl=self.attention_impl, remat=self.remat, scan=self.scan_layers,
+                 residual_dtype=self.residual_dtype, fused_qkv=self.fused_qkv,
+                 dtype=self.dtype, name='backbone')(h, cond)
     out = FinalAdaLN(self.patch, c, hh, ww, dtype=self.dtype, name='final')(h, cond)
     return out.astype(jnp.float32)
 

@@ -5,6 +5,13 @@ Shapes: b batch, l length, d model, v vocabulary.
   tokens [b, l] --token table + learned positions--> [b, l, d] -> depth causal blocks
   -> final norm -> logits [b, l, v] (the token table reused as output projection when tied)
 
+The token table (and an untied head) has `padded_vocab` rows, vocab_size rounded up to a
+multiple of `vocab_multiple` (50257 -> 50304 with 128): the output matmul then has a size that
+tiles the hardware's matmul units. Logits of the padding ids are never returned or trained on.
+Given targets, the model returns per-token losses instead of logits, computed `loss_chunk`
+tokens at a time (layers/heads.token_cross_entropy) so that the float32 logits of the whole
+batch never exist at once.
+
 Decoding: build with `decode=True`, init on a [b, max_len] dummy to size the KV cache, then
 apply with `mutable=['cache']`: once on the prompt (prefill), then once per new token.
 """
@@ -15,7 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from layers.embeddings import Embed, PositionEmbed
-from layers.linears import Dense
+from layers.heads import token_cross_entropy, vocab_logits
 from layers.normalizations import LayerNorm
 from layers.sharding import shard
 from layers.transformers import SIZES, Backbone, block_flops  # noqa: F401  (SIZES: for users)
@@ -29,13 +36,24 @@ class GPT(nn.Module):
   heads: int
   mlp_ratio: float = 4.0
   tie_embeddings: bool = True
+  vocab_multiple: int = 128
+  loss_chunk: int = 0              # tokens per cross-entropy chunk; 0: all logits at once
   attention_impl: str = 'einsum'
-  remat: bool = False
+  remat: str | bool = False
+  scan_layers: bool = False
   decode: bool = False
   dtype: jnp.dtype = jnp.float32
+  residual_dtype: jnp.dtype = jnp.float32   # the blocks' residual stream (layers/transformers)
+  fused_qkv: bool = False
+
+  @property
+  def padded_vocab(self) -> int:
+    m = max(self.vocab_multiple, 1)
+    return -(-self.vocab_size // m) * m
 
   @nn.compact
-  def __call__(self, tokens: jax.Array) -> jax.Array:
+  def __call__(self, tokens: jax.Array, targets: jax.Array | None = None):
+    """Logits [b, l, vocab_size]; with `targets` [b, l] instead (nll [b, l], correct [b, l])."""
     b, l = tokens.shape
     if self.hidden % self.heads:
       raise ValueError(f'hidden {self.hidden} is not divisible by heads {self.heads}')
@@ -48,25 +66,30 @@ class GPT(nn.Module):
       start = index.value
       if initialised:  # the init call only sizes the cache
         index.value = start + l
-    embed = Embed(self.vocab_size, self.hidden, dtype=self.dtype, name='token_embed')
+    embed = Embed(self.padded_vocab, self.hidden, dtype=self.dtype, name='token_embed')
     h = embed(tokens) + PositionEmbed(self.max_len, self.hidden, dtype=self.dtype,
                                       name='pos_embed')(start + jnp.arange(l))[None]
     h = shard(h, ('act_batch', 'act_len', 'act_embed'))
     h = Backbone(self.depth, self.heads, self.mlp_ratio, causal=True, norm_eps=1e-5,
-                 attention_impl=self.attention_impl, remat=self.remat, decode=self.decode,
-                 dtype=self.dtype, name='backbone')(h)
+                 attention_impl=self.attention_impl, remat=self.remat, scan=self.scan_layers,
+                 residual_dtype=self.residual_dtype, fused_qkv=self.fused_qkv,
+                 decode=self.decode, dtype=self.dtype, name='backbone')(h)
     h = LayerNorm(1e-5, dtype=self.dtype, name='final_norm')(h)
     if self.tie_embeddings:
-      logits = embed.attend(h)
+      table = embed.embedding                                               # [v, d]
     else:
-      logits = Dense(self.vocab_size, ('embed', 'vocab'), use_bias=False, dtype=self.dtype,
-                     kernel_init=nn.initializers.normal(0.02), name='head')(h)
-    logits = shard(logits, ('act_batch', 'act_len', 'act_vocab'))
-    return logits.astype(jnp.float32)                                       # [b, l, v]
+      table = self.param('head', nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), ('vocab', 'embed')), (self.padded_vocab, self.hidden),
+          jnp.float32)
+    if targets is not None:
+      return token_cross_entropy(h, table, targets, self.vocab_size, self.loss_chunk, self.dtype)
+    logits = vocab_logits(h, table, self.vocab_size, self.dtype)[..., :self.vocab_size]
+    return shard(logits, ('act_batch', 'act_len', 'act_vocab'))            # [b, l, v] float32
 
 
 def flops_per_example(seq_len: int, hidden: int, depth: int, vocab_size: int,
                       mlp_ratio: float = 4.0, **_) -> int:
-  """Forward matmul FLOPs for one sequence of `seq_len` tokens (2 per multiply-add)."""
+  """Forward matmul FLOPs for one sequence of `seq_len` tokens (2 per multiply-add), over the
+  real vocabulary: the padding columns are not useful work."""
   d = hidden
   return depth * block_flops(seq_len, d, int(d * mlp_ratio)) + 2 * seq_len * d * vocab_size

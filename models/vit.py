@@ -27,8 +27,11 @@ class ViT(nn.Module):
   num_classes: int
   mlp_ratio: float = 4.0
   attention_impl: str = 'einsum'
-  remat: bool = False
+  remat: str | bool = False
+  scan_layers: bool = False
   dtype: jnp.dtype = jnp.float32
+  residual_dtype: jnp.dtype = jnp.float32   # the blocks' residual stream (layers/transformers)
+  fused_qkv: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, return_features: bool = False):
@@ -44,7 +47,8 @@ class ViT(nn.Module):
     h = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.hidden)), h], 1)
     h = shard(h, ('act_batch', 'act_len', 'act_embed'))                      # [b, l+1, d]
     h = Backbone(self.depth, self.heads, self.mlp_ratio, attention_impl=self.attention_impl,
-                 remat=self.remat, dtype=self.dtype, name='backbone')(h)
+                 remat=self.remat, scan=self.scan_layers, residual_dtype=self.residual_dtype,
+                 fused_qkv=self.fused_qkv, dtype=self.dtype, name='backbone')(h)
     out = ClassifierHead(self.num_classes, dtype=self.dtype, name='head')(
         h[:, 0], return_features=return_features)
     if return_features:

@@ -177,17 +177,60 @@ def test_make_mesh_errors_name_numbers():
     sharding.make_mesh({'model': 2})
 
 
-def test_remat_backbone_matches_plain():
-  from layers.transformers import Backbone
+@pytest.mark.parametrize('scan,remat', [
+    (False, 'full'), (False, 'dots_saveable'), (True, 'none'), (True, 'dots_saveable'),
+    (True, 'dots_with_no_batch_dims_saveable'), (True, True)])
+def test_scanned_and_remat_backbones_match_plain(scan, remat):
+  """Every fast path gives the plain unrolled backbone's loss and gradients; the scanned one's
+  parameters are the plain ones stacked on a leading 'layers' axis (stack_blocks)."""
+  from layers.transformers import Backbone, stack_blocks, unstack_blocks
   x = jax.random.normal(jax.random.key(0), (2, 5, 16))
   c = jax.random.normal(jax.random.key(1), (2, 16))
-  plain = Backbone(depth=2, num_heads=2, conditioned=True)
-  remat = Backbone(depth=2, num_heads=2, conditioned=True, remat=True)
-  params = nn.unbox(plain.init(jax.random.key(2), x, c))
+  plain = Backbone(depth=3, num_heads=2, conditioned=True)
+  fast = Backbone(depth=3, num_heads=2, conditioned=True, remat=remat, scan=scan)
+  params = nn.unbox(plain.init(jax.random.key(2), x, c))['params']
   params = jax.tree.map(lambda p: p + 0.05, params)     # leave adaLN-Zero's identity start
-  loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.sum(m.apply(p, x, c) ** 2)))
-  (l1, g1), (l2, g2) = loss(plain)(params), loss(remat)(params)
+  fast_params = stack_blocks(params, 3) if scan else params
+  boxed = fast.init(jax.random.key(2), x, c)['params']
+  assert jax.tree.structure(nn.unbox(boxed)) == jax.tree.structure(fast_params)
+  if scan:
+    kernel = boxed['blocks']['mlp']['wi']['kernel']
+    assert kernel.names == ('layers', 'embed', 'mlp') and kernel.value.shape == (3, 16, 64)
+    assert jax.tree.all(jax.tree.map(np.array_equal, unstack_blocks(fast_params), params))
+  loss = lambda m: jax.jit(jax.value_and_grad(
+      lambda p: jnp.sum(m.apply({'params': p}, x, c) ** 2)))
+  (l1, g1), (l2, g2) = loss(plain)(params), loss(fast)(fast_params)
   assert_close_f32(l2, l1)
-  # remat recomputes the forward in another fusion: the same math, other rounding (and key-bias
-  # gradients that are zero in exact arithmetic come out as rounding noise)
-  assert_trees_close_f32(g2, g1)
+  # recomputation and the loop body fuse differently: the same math, other rounding (and
+  # key-bias gradients that are zero in exact arithmetic come out as rounding noise)
+  assert_trees_close_f32(g2, stack_blocks(g1, 3) if scan else g1)
+
+
+def test_remat_policy_names():
+  from layers.transformers import remat_policy
+  assert remat_policy('none') == (False, None) and remat_policy(False) == (False, None)
+  assert remat_policy('full') == (True, None) and remat_policy(True) == (True, None)
+  assert remat_policy('dots_saveable') == (True, jax.checkpoint_policies.dots_saveable)
+  with pytest.raises(ValueError, match="remat 'some'"):
+    remat_policy('some')
+
+
+def test_fused_qkv_equals_separate_projections():
+  """One [d, 3, n, h] projection is the three separate ones stacked on its second axis, and its
+  initialisation has their scale."""
+  x = jax.random.normal(jax.random.key(0), (2, 7, 32))
+  separate = attentions.SelfAttention(num_heads=4, causal=True)
+  fused = attentions.SelfAttention(num_heads=4, causal=True, fused_qkv=True)
+  p = nn.unbox(separate.init(jax.random.key(1), x))['params']
+  boxed = fused.init(jax.random.key(1), x)['params']
+  assert boxed['qkv']['kernel'].names == ('embed', 'qkv', 'heads', 'kv')
+  q = nn.unbox(boxed)
+  assert q['qkv']['kernel'].shape == (32, 3, 4, 8)
+  np.testing.assert_allclose(q['qkv']['kernel'].std(), p['query']['kernel'].std(), rtol=0.15)
+  names = ('query', 'key', 'value')
+  q['qkv'] = {'kernel': jnp.stack([p[n]['kernel'] for n in names], axis=1),
+              'bias': jnp.stack([p[n]['bias'] + 0.1 * i for i, n in enumerate(names)])}
+  p = {**p, **{n: {'kernel': p[n]['kernel'], 'bias': p[n]['bias'] + 0.1 * i}
+               for i, n in enumerate(names)}}
+  q['out'] = p['out']
+  assert_close_f32(fused.apply({'params': q}, x), separate.apply({'params': p}, x))

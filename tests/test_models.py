@@ -81,8 +81,48 @@ def test_vit_b16_parameter_count():
 
 
 def test_gpt2_small_parameter_count():
-  model = gpt.GPT(vocab_size=50257, max_len=1024, hidden=768, depth=12, heads=12)
+  model = gpt.GPT(vocab_size=50257, max_len=1024, hidden=768, depth=12, heads=12,
+                  vocab_multiple=1)
   assert n_params(model, jnp.zeros((1, 1024), jnp.int32)) == 124_439_808  # GPT-2 124M, tied
+  padded = model.clone(vocab_multiple=128)                   # 50257 -> 50304 table rows
+  assert padded.padded_vocab == 50304
+  assert n_params(padded, jnp.zeros((1, 1024), jnp.int32)) == 124_439_808 + 47 * 768
+
+
+@pytest.mark.parametrize('tie', [True, False])
+def test_gpt_padded_vocab_and_chunked_loss_match_plain(tie):
+  """Padding ids are never predicted (their logits are -inf), the returned logits cover the real
+  vocabulary only, and the chunked loss (and its gradients) equals the loss of the full logits
+  computed here with NumPy-independent float32 log-softmax."""
+  model = gpt.GPT(vocab_size=100, max_len=12, hidden=32, depth=1, heads=4, vocab_multiple=64,
+                  tie_embeddings=tie)
+  tokens = jax.random.randint(jax.random.key(0), (3, 13), 0, 100)
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  params = nn.unbox(model.init(jax.random.key(1), inputs))['params']
+  params = jax.tree.map(lambda p: p + 0.01 * jax.random.normal(jax.random.key(2), p.shape), params)
+  table = params['token_embed']['embedding'] if tie else params['head']
+  assert table.shape == (128, 32)
+  logits = model.apply({'params': params}, inputs)
+  assert logits.shape == (3, 12, 100)
+
+  def reference(p):
+    logp = jax.nn.log_softmax(model.apply({'params': p}, inputs), axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0].mean()
+
+  def chunked(p, chunk):
+    nll, correct = model.clone(loss_chunk=chunk).apply({'params': p}, inputs, targets)
+    return nll.mean(), correct
+
+  ref, ref_grads = jax.value_and_grad(reference)(params)
+  for chunk in (0, 5, 12):          # 5 does not divide 12: the last chunk is padded
+    (loss, correct), grads = jax.value_and_grad(chunked, has_aux=True)(params, chunk)
+    np.testing.assert_allclose(loss, ref, rtol=1e-6)
+    np.testing.assert_array_equal(correct, logits.argmax(-1) == targets)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+      np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
+  # the padding rows get no gradient through the output softmax (their probability is 0)
+  pad_rows = (grads['token_embed']['embedding'] if tie else grads['head'])[100:]
+  np.testing.assert_array_equal(pad_rows, 0)
 
 
 def test_gpt_kv_cache_matches_full_forward():

@@ -134,10 +134,14 @@ def test_mixup_matches_numpy():
 
 
 class _EchoLM:
-  """Predicts token t+1 = token t + 1 with certainty, so the loss is known."""
+  """Predicts token t+1 = token t + 1 with certainty, so the loss is known. Given targets it
+  returns per-token (nll, correct), as models.gpt.GPT does."""
 
-  def apply(self, variables, tokens):
-    return 20.0 * jax.nn.one_hot((tokens + 1) % 8, 8)
+  def apply(self, variables, tokens, targets=None):
+    logits = 20.0 * jax.nn.one_hot((tokens + 1) % 8, 8)
+    if targets is None:
+      return logits
+    return common.cross_entropy(logits, targets), logits.argmax(-1) == targets
 
 
 def test_language_loss_shifts_targets():

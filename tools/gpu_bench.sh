@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call benchmarks the zoo on a GPU machine: environment, then tools/benchmark.py for each
-# workload below (bf16), each in its own process under its own timeout, then one table.
+# workload below (at its defaults: bf16 for the at-scale ones), each in its own process under
+# its own timeout, then one table.
 #
 #   bash tools/gpu_bench.sh                  # on the lent H200 (carry .whl: see
 #                                            #   tools/prepare_gpu_wheels.sh); about 5-7 minutes
@@ -13,7 +14,7 @@
 #
 # Environment knobs:
 #   BENCH_WORKLOADS  ';'-separated "EXP [KNOB=VALUE ...]" entries replacing the default list
-#   BENCH_SET        knobs set on every workload (default DTYPE=bfloat16)
+#   BENCH_SET        knobs set on every workload (default none)
 #   BENCH_STEPS, BENCH_WARMUP     timed and warm-up steps (default 10 and 2; quick: 3 and 1)
 #   BENCH_BUDGET_S   seconds for the whole script (default 480); workloads that no longer fit
 #                    are recorded as skipped
@@ -101,20 +102,24 @@ elif [ "${BENCH_QUICK:-0}" = 1 ]; then
     "DiT_T_Synthetic ATTENTION_IMPL=xla"
     "ViT_T_Synthetic"
     "GPT_T_Synthetic"
-    "GPT_T_Synthetic REMAT=True"
+    "GPT_T_Synthetic REMAT=full SCAN_LAYERS=False"
     "NoSuchExperiment"              # a failure must become a row, not stop the script
   )
   STEPS=${BENCH_STEPS:-3}; WARMUP=${BENCH_WARMUP:-1}
 else
   # Most wanted first: what does not fit the budget is skipped from the end.
   WORKLOADS=(
-    "DiT_XL_Synthetic GLOBAL_BATCH=256 ATTENTION_IMPL=einsum"
-    "DiT_XL_Synthetic GLOBAL_BATCH=256 ATTENTION_IMPL=cudnn"
+    # the issue's targets at the defaults (bf16, ATTENTION_IMPL=auto, SCAN_LAYERS=True) ...
+    "DiT_XL_Synthetic GLOBAL_BATCH=256"
     "ViT_B_Synthetic"
+    "GPT_B_Synthetic"
+    # ... then each fast path off, one at a time
+    "DiT_XL_Synthetic GLOBAL_BATCH=256 ATTENTION_IMPL=einsum"
+    "DiT_XL_Synthetic GLOBAL_BATCH=256 SCAN_LAYERS=False"
+    "GPT_B_Synthetic ATTENTION_IMPL=einsum"
+    "GPT_B_Synthetic LOSS_CHUNK=0"
+    "GPT_B_Synthetic REMAT=dots_saveable"
     "GPT_S_Synthetic"
-    "GPT_S_Synthetic ATTENTION_IMPL=cudnn"
-    "GPT_S_Synthetic REMAT=True"
-    "DiT_XL_Synthetic GLOBAL_BATCH=64 ATTENTION_IMPL=einsum"
     # the latent DiT's VAE: encoding in the step vs pre-encoded latents (docs/PERFORMANCE.md),
     # with random weights of the SD VAE's architecture (none are on the device)
     "DiT_B_ImageNet256 GLOBAL_BATCH=32 --random_vae"
@@ -124,7 +129,7 @@ else
   )
   STEPS=${BENCH_STEPS:-10}; WARMUP=${BENCH_WARMUP:-2}
 fi
-read -r -a COMMON <<<"${BENCH_SET-DTYPE=bfloat16}"
+read -r -a COMMON <<<"${BENCH_SET-}"
 BUDGET=${BENCH_BUDGET_S:-480}
 PER_RUN=${BENCH_RUN_TIMEOUT_S:-150}
 

@@ -3,11 +3,21 @@
   train FLOPs per example = 3 x forward matmul FLOPs (backward costs twice the forward),
                             forward counted exactly by models/*.flops_per_example (2 per MAC)
   tflops_per_device       = train FLOPs per example x examples per second / devices / 1e12
-  mfu                     = tflops_per_device / dense bf16 peak of the device
+  mfu                     = tflops_per_device / peak of the device
 
-Recomputation under remat is not counted: MFU measures useful model work, not hardware work.
+The peak is the dense bf16 datasheet number of a GPU or TPU (PEAK_BF16_TFLOPS); a CPU has no
+datasheet number worth the name, so there it is measured: measure_matmul_tflops, the best rate of
+a square matmul in the compute dtype. Recomputation under remat is not counted: MFU measures
+useful model work, not hardware work.
 """
 from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 # Dense (non-sparse) bf16 peak TFLOP/s per device, from the vendors' datasheets.
 PEAK_BF16_TFLOPS = {
@@ -28,3 +38,29 @@ def peak_tflops(device_kind: str) -> float | None:
 def train_tflops_per_device(forward_flops_per_example: int, examples_per_s: float,
                             num_devices: int) -> float:
   return 3.0 * forward_flops_per_example * examples_per_s / num_devices / 1e12
+
+
+def measure_matmul_tflops(dtype='float32', n: int = 2048, repeats: int = 5,
+                          device=None) -> float:
+  """TFLOP/s of one jitted [n, n] @ [n, n] matmul on `device` (default: jax.devices()[0]).
+
+  2 n^3 FLOPs divided by the best of `repeats` timed calls, each blocked on, after two untimed
+  calls (the first compiles). The best rather than the median: on a shared machine neighbours
+  only ever slow a call down, so the fastest call is the closest to what the device can do.
+  `dtype` is the compute dtype of the work it is compared with ('float32' or 'bfloat16'). With
+  several fake CPU devices on one host, this is one device's matmul while the others idle, so it
+  can use more of the host than each device gets when all of them run a step at once.
+  """
+  device = device or jax.devices()[0]
+  rng = np.random.default_rng(0)
+  a, b = (jax.device_put(rng.standard_normal((n, n)).astype(jnp.dtype(dtype)), device)
+          for _ in range(2))
+  matmul = jax.jit(jnp.matmul)
+  for _ in range(2):
+    matmul(a, b).block_until_ready()
+  best = math.inf
+  for _ in range(max(1, repeats)):
+    t0 = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 / best / 1e12
