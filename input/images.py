@@ -6,9 +6,11 @@ Preprocessing (`augment`):
             DiT training (with `flip`), as DiT/ADM prepare ImageNet
   'inception_crop'  a random crop of 5%-100% of the area with aspect ratio in [3/4, 4/3], resized
             to image_size (the "Inception crop" of ViT/big_vision training), then `flip`
-Then a random horizontal flip when `flip`, and scaling to [-1, 1]. JPEGs are decoded at a reduced
-scale (PIL's draft mode: DCT scaling) when the output needs less than a quarter of their
-resolution, which saves most of the decoding time of large photographs.
+Then a random horizontal flip when `flip`. Pixels stay uint8 (a quarter of float32's bytes to
+copy to the devices); the train and eval steps scale them to [-1, 1] on the device
+(tasks.common.prepare_images). JPEGs are decoded at a reduced scale (PIL's draft mode: DCT
+scaling) when the output needs less than a quarter of their resolution, which saves most of the
+decoding time of large photographs.
 
 Randomness is drawn per row of the GLOBAL batch from (seed, step, row), so a process split, a
 resume or a different number of Grain workers gives each row the same crop and flip.
@@ -28,7 +30,7 @@ AUGMENTS = ('center', 'inception_crop')
 
 
 class ImageRecords(common.Source):
-  """{'image': float32 [b, S, S, 3] in [-1, 1], 'label': int32 [b]}.
+  """{'image': uint8 [b, S, S, 3] in [0, 255], 'label': int32 [b]}.
 
   Give `dataset` (a TFDS name, read from `data_dir`) or `folder` (an ImageFolder root).
   """
@@ -58,7 +60,7 @@ class ImageRecords(common.Source):
                        f'classes; set NUM_CLASSES={len(self.classes)}')
 
   def _examples(self, indices, step):
-    images = np.empty((len(indices), self.image_size, self.image_size, 3), np.float32)
+    images = np.empty((len(indices), self.image_size, self.image_size, 3), np.uint8)
     labels = np.empty((len(indices),), np.int32)
     for i, (record, row) in enumerate(zip(self.records.read(indices), self.rows)):
       # One generator per row of the global batch: the row's crop and flip do not depend on
@@ -69,7 +71,7 @@ class ImageRecords(common.Source):
     return {'image': images, 'label': labels}
 
   def preprocess(self, encoded: bytes, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Encoded image -> float32 [S, S, 3] in [-1, 1]; deterministic where rng is None."""
+    """Encoded image -> uint8 [S, S, 3]; deterministic where rng is None."""
     size = self.image_size
     image = Image.open(io.BytesIO(encoded))
     width, height = image.size
@@ -87,10 +89,10 @@ class ImageRecords(common.Source):
     scale_x, scale_y = image.size[0] / width, image.size[1] / height
     box = (box[0] * scale_x, box[1] * scale_y, box[2] * scale_x, box[3] * scale_y)
     image = image.convert('RGB').resize((size, size), Image.BICUBIC, box=box)
-    pixels = np.asarray(image, np.float32)
+    pixels = np.asarray(image, np.uint8)
     if self.train and self.flip and rng is not None and rng.random() < 0.5:
       pixels = pixels[:, ::-1]
-    return pixels / 127.5 - 1
+    return pixels
 
 
 def center_square(width: int, height: int) -> tuple[int, int, int, int]:

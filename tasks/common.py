@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Leaf names that are embeddings, norms or biases: never weight-decayed.
 _NO_DECAY = ('bias', 'scale', 'embedding', 'cls_token')
@@ -15,6 +16,29 @@ def weight_decay_mask(params):
     keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
     return keys[-1] not in _NO_DECAY
   return jax.tree_util.tree_map_with_path(decay, params)
+
+
+# Every uint8 pixel value as float32 in [-1, 1], computed on the host exactly as the image sources
+# once did (`x.astype(np.float32) / 127.5 - 1`). The device looks values up instead of dividing:
+# XLA turns a division by a constant into a multiplication by its reciprocal, which differs from
+# the division in the last bit for 205 of the 256 values.
+_PIXEL_VALUES = np.arange(256, dtype=np.float32) / 127.5 - 1
+
+
+def pixels_to_float(images):
+  """uint8 pixels [..] in [0, 255] -> float32 in [-1, 1]; float images (synthetic data, samples,
+  latents) are returned unchanged. Call it inside jit, so that images travel as uint8."""
+  if images.dtype != jnp.uint8:
+    return images
+  return jnp.asarray(_PIXEL_VALUES)[images]
+
+
+def prepare_images(batch: dict) -> dict:
+  """The batch with a uint8 'image' (what the pixel sources in input/ yield) as float32 in
+  [-1, 1]: the first thing the train and eval steps do, before a codec or a task sees it."""
+  if 'image' not in batch:
+    return batch
+  return {**batch, 'image': pixels_to_float(batch['image'])}
 
 
 def batch_mask(batch, size: int) -> jax.Array:

@@ -55,8 +55,9 @@ def test_imagenet_batches_hold_the_right_images_and_labels(data):
   train = imagenet(data, num_classes=1000)
   assert train.num_examples == 18 and len(train.classes) == 1000
   batch = train.batch(2)
-  assert batch['image'].shape == (4, 32, 32, 3) and batch['image'].dtype == np.float32
-  assert -1 <= batch['image'].min() < 0 < batch['image'].max() <= 1
+  # pixels travel as uint8; the train and eval steps scale them to [-1, 1] on the device
+  assert batch['image'].shape == (4, 32, 32, 3) and batch['image'].dtype == np.uint8
+  assert batch['image'].min() < 128 <= batch['image'].max()
   # each label is the synset of the file the index names (tfds's label order)
   names = [r['file_name'].decode() for r in train.records.read(train.indices(2))]
   want = [data['ilsvrc']['train_files'][n] for n in names]
@@ -67,7 +68,7 @@ def test_imagenet_batches_hold_the_right_images_and_labels(data):
 
 
 def test_center_crop_matches_a_pil_reference(data):
-  """Eval preprocessing = center square, antialiased bicubic resize, [-1, 1]. JPEGs are decoded
+  """Eval preprocessing = center square, antialiased bicubic resize, uint8. JPEGs are decoded
   at a reduced DCT scale, so they match the full-resolution reference closely, not exactly."""
   val = imagenet(data, split='validation', train=False, image_size=48)
   encoded = val.records.read([0, 1])
@@ -76,10 +77,10 @@ def test_center_crop_matches_a_pil_reference(data):
     w, h = full.size
     s = min(w, h)
     box = ((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)
-    want = np.asarray(full.crop(box).resize((48, 48), Image.BICUBIC), np.float32) / 127.5 - 1
+    want = np.asarray(full.crop(box).resize((48, 48), Image.BICUBIC), np.float32)
     got = val.preprocess(record['image'])
-    assert got.shape == (48, 48, 3)
-    assert np.abs(got - want).mean() < 0.02, np.abs(got - want).mean()
+    assert got.shape == (48, 48, 3) and got.dtype == np.uint8
+    assert np.abs(got - want).mean() < 0.02 * 127.5, np.abs(got - want).mean()
   # without a reduced decode (PNG) the same crop is exact away from the edges (where resizing
   # within the whole image lets the filter see the pixels just outside the square)
   folder = images.ImageRecords(global_batch=2, image_size=16, split='test', train=False,
@@ -87,10 +88,10 @@ def test_center_crop_matches_a_pil_reference(data):
   png = data['folder']['test']['cat'][1].read_bytes()
   full = Image.open(io.BytesIO(png)).convert('RGB')
   box = images.center_square(*full.size)
-  want = np.asarray(full.crop(box).resize((16, 16), Image.BICUBIC), np.float32) / 127.5 - 1
-  got = folder.preprocess(png)
-  np.testing.assert_allclose(got[2:-2, 2:-2], want[2:-2, 2:-2], atol=1e-6)
-  assert np.abs(got - want).max() < 0.1
+  want = np.asarray(full.crop(box).resize((16, 16), Image.BICUBIC), np.float32)
+  got = folder.preprocess(png).astype(np.float32)
+  np.testing.assert_array_equal(got[2:-2, 2:-2], want[2:-2, 2:-2])
+  assert np.abs(got - want).max() < 0.1 * 127.5
 
 
 def test_training_flips_and_eval_does_not(data):
@@ -176,7 +177,7 @@ def test_celebahq_and_lsun(data):
   assert (batch['label'] == 0).all() and batch['image'].shape == (4, 32, 32, 3)
   # the stand-ins are pure red outside their centred square and hardly red inside: a center
   # crop (at prepare time and again here) shows no red, a squash would show red bands
-  assert (batch['image'][..., 0] < -0.5).mean() > 0.95
+  assert (batch['image'][..., 0] < 64).mean() > 0.95   # -0.5 in [-1, 1]
 
 
 def test_image_folder(data):

@@ -12,6 +12,7 @@ import scipy.special
 from input.fashion_mnist import FashionMNIST
 from models.vit import ViT
 from tasks.classification import Classification
+from tasks.common import prepare_images
 from tests.test_launch import launch, ok, trained_once
 from tests.test_sampling import snapshot
 from trainer.summaries import read_scalars
@@ -29,7 +30,7 @@ def test_eval_split_is_read_exactly_once_over_two_processes():
   params = jax.tree.map(lambda b: b.value + 0.1 * jax.random.normal(jax.random.key(1),
                                                                      b.value.shape), params,
                         is_leaf=lambda x: hasattr(x, 'names'))   # a non-zero head
-  step = jax.jit(lambda p, b: task.eval_step(model, p, b))
+  step = jax.jit(lambda p, b: task.eval_step(model, p, prepare_images(b)))   # uint8 images
   seen, sums = [], None
   for process in range(2):
     source = FashionMNIST(480, split='test', train=False, process_index=process,
@@ -45,7 +46,9 @@ def test_eval_split_is_read_exactly_once_over_two_processes():
   metrics = task.finalize(sums)
 
   whole = FashionMNIST(10_000, split='test', train=False).batch(0)
-  logits = np.asarray(jax.jit(model.apply)({'params': params}, whole['image']), np.float64)
+  logits = np.asarray(jax.jit(model.apply)({'params': params},
+                                           whole['image'].astype(np.float32) / 127.5 - 1),
+                      np.float64)
   nll = -scipy.special.log_softmax(logits, -1)[np.arange(10_000), whole['label']]
   assert metrics['loss'] == pytest.approx(nll.mean(), rel=1e-5)
   assert metrics['accuracy'] == pytest.approx((logits.argmax(-1) == whole['label']).mean(),

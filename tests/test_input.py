@@ -111,15 +111,17 @@ def test_fashion_mnist_raw_data():
 
 
 def test_fashion_mnist_batches():
+  """Pixels travel as uint8 in [0, 255] (the train and eval steps scale them on the device)."""
   b = fashion_mnist.FashionMNIST(global_batch=16, **ONE).batch(0)
-  assert b['image'].shape == (16, 28, 28, 1) and b['image'].dtype == np.float32
-  assert b['image'].min() == -1 and b['image'].max() == 1 and b['label'].dtype == np.int32
+  assert b['image'].shape == (16, 28, 28, 1) and b['image'].dtype == np.uint8
+  assert b['image'].min() == 0 and b['image'].max() == 255 and b['label'].dtype == np.int32
   padded = fashion_mnist.FashionMNIST(global_batch=16, image_size=32, **ONE).batch(0)['image']
-  assert (padded[:, :2] == -1).all() and (padded[:, -2:] == -1).all()
-  assert (padded[:, :, :2] == -1).all() and (padded[:, :, -2:] == -1).all()
+  assert padded.dtype == np.uint8
+  assert (padded[:, :2] == 0).all() and (padded[:, -2:] == 0).all()   # black, -1 once scaled
+  assert (padded[:, :, :2] == 0).all() and (padded[:, :, -2:] == 0).all()
   np.testing.assert_array_equal(padded[:, 2:-2, 2:-2], b['image'])
   small = fashion_mnist.FashionMNIST(global_batch=16, image_size=14, **ONE).batch(0)['image']
-  assert small.shape == (16, 14, 14, 1) and -1 <= small.min() and small.max() <= 1
+  assert small.shape == (16, 14, 14, 1) and small.dtype == np.uint8
   for bad in (0, 2.5, '28'):
     with pytest.raises(ValueError):
       fashion_mnist.FashionMNIST(global_batch=16, image_size=bad, **ONE)
@@ -127,16 +129,15 @@ def test_fashion_mnist_batches():
 
 def test_fashion_mnist_flips_only_in_training():
   images = fashion_mnist.load('train')[0]
-  to_float = lambda x: x.astype(np.float32) / 127.5 - 1
   kw = dict(global_batch=64, seed=0, **ONE)
   train = fashion_mnist.FashionMNIST(train=True, **kw)
   got = train.batch(2)['image'][..., 0]
-  raw = to_float(images[train._train_indices(2, 2 * 64 + np.arange(64))])
+  raw = images[train._train_indices(2, 2 * 64 + np.arange(64))]
   flipped = np.array([not np.array_equal(g, r) for g, r in zip(got, raw)])
   np.testing.assert_array_equal(got[flipped], raw[flipped][:, :, ::-1])
   assert 10 < flipped.sum() < 54
   ordered = fashion_mnist.FashionMNIST(train=False, **kw).batch(0)['image'][..., 0]
-  np.testing.assert_array_equal(ordered, to_float(images[:64]))
+  np.testing.assert_array_equal(ordered, images[:64])
 
 
 def test_fashion_mnist_eval_covers_test_split_once():

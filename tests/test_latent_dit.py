@@ -103,6 +103,7 @@ def test_encode_latents_then_train_on_them(tmp_path):
   # what was stored is the encoding of the images in order, and of their mirror images
   codec = vae.PretrainedVAE(path, downsample=2, latent_channels=4)
   images = FashionMNIST(10, 'test', train=False).batch(0)
+  images['image'] = images['image'].astype(np.float32) / 127.5 - 1   # uint8 -> [-1, 1]
   source = latents_lib.LatentRecords(5, out, 'test', 14, 4, train=False)
   got = np.concatenate([source.batch(0)['moments'], source.batch(1)['moments']])
   assert source.batch(1)['label'].tolist() == images['label'][5:].tolist()

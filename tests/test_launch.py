@@ -76,6 +76,10 @@ def test_family_trains_end_to_end(exp, tmp_path_factory):
   # the first step (compilation) is not timed
   assert [s for s, _ in scalars['perf/tflops_per_device']] == [2, 3, 4, 5, 6]
   assert all(v > 0 for _, v in scalars['perf/tflops_per_device'])
+  # the share of each timed interval the loop waited for its batch (prefetched by a thread)
+  assert [s for s, _ in scalars['perf/input_wait_fraction']] == [2, 3, 4, 5, 6]
+  assert all(0 <= v < 1 for _, v in scalars['perf/input_wait_fraction'])
+  assert 'the loop waited for input' in stderr
   assert np.isfinite([v for _, v in scalars['learning/loss']]).all()
   assert [v for _, v in scalars['learning/skipped_steps']] == [0] * 6
   assert 'eval/loss' in scalars
@@ -160,6 +164,9 @@ def trained_workdir(tmp_path_factory):
      'GPT_T_Synthetic: pass --exp=ViT_T_Synthetic'),
     (['--exp=ViT_T_Synthetic', '--set', 'HIDDEN=96'], 'knobs that differ: HIDDEN=64 there, 96 '
      'here'),
+    (['--exp=ViT_T_Synthetic', '--set', 'SCAN_LAYERS=False'], 'its blocks are stacked (saved '
+     'with SCAN_LAYERS=True) and this run unrolls them: pass --set SCAN_LAYERS=True'),
+    (['--exp=ViT_T_Synthetic', '--set', 'REMAT=some'], "REMAT='some': use one of 'none', 'full'"),
 ])
 def test_bad_input_fails_in_one_line_and_keeps_checkpoints(trained_workdir, args, message):
   before = _tree_digest(os.path.join(trained_workdir, 'checkpoints'))

@@ -63,6 +63,7 @@ def main(argv=None) -> int:
 
   from experiments import base
   from input import latents
+  from tasks.common import pixels_to_float
 
   exp, cfg = base.build_config(args.exp, args.set)
   if cfg.codec is None:
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
 
   @jax.jit
   def encode(params, images):
+    images = pixels_to_float(images)                        # uint8 -> [-1, 1], on the device
     both = jnp.concatenate([images, images[:, :, ::-1]])   # the image and its mirror image
     mean, logvar = codec.encode(params, both)
     moments = jnp.concatenate([mean, logvar], axis=-1)

@@ -90,7 +90,8 @@ def batches_of_source(cfg, split: str, batch: int, num: int):
       if 'image' not in b:
         raise SystemExit(f'fid_stats.py: {type(source).__name__} gives no images')
       keep = (b['mask'] > 0) & (i * batch + np.arange(batch) < n)
-      yield to_uint8(b['image'])[keep], b['label'][keep]
+      pixels = b['image'] if b['image'].dtype == np.uint8 else to_uint8(b['image'])
+      yield pixels[keep], b['label'][keep]
 
 
 def main(argv=None) -> int:

@@ -45,10 +45,11 @@ def latent_std(model, params, source, batches: int) -> float:
   import jax
   import numpy as np
   from models import vae
+  from tasks.common import pixels_to_float
 
   @jax.jit
   def sample(params, images, key):
-    mean, logvar = model.apply({'params': params}, images, method='encode')
+    mean, logvar = model.apply({'params': params}, pixels_to_float(images), method='encode')
     return vae.sample_posterior(mean, logvar, key)
 
   zs = [np.asarray(sample(params, source.batch(i)['image'], jax.random.key(i)))
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
   from experiments import base
   from experiments.vae import VAE
   from models import vae
+  from tasks.common import prepare_images
   from trainer import loop
   from trainer.restore import latest_params
   logging.set_verbosity(logging.INFO)
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
 
   # what a user of the file gets: read it back and measure it on the whole eval split
   model, loaded = vae.from_pretrained(out)
-  eval_step = jax.jit(lambda p, b: run.task.eval_step(model, p, b))
+  eval_step = jax.jit(lambda p, b: run.task.eval_step(model, p, prepare_images(b)))
   sums = None
   n = run.eval_data.num_eval_batches()
   for i in range(min(n, args.eval_batches) if args.eval_batches else n):

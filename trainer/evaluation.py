@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tasks import fid
+from tasks.common import pixels_to_float
 from trainer import sampling
 from trainer import state as state_lib
 
@@ -85,7 +86,8 @@ class Evaluator:
     judge = self.judge
     self.judge_params, _ = state_lib.place_frozen(judge.net, self.mesh)
     net = judge.net
-    self._features = jax.jit(lambda p, x: _as_dict(net.features(p, quantize(x))))
+    # eval-split images arrive as uint8, samples as floats: both are quantised from [-1, 1]
+    self._features = jax.jit(lambda p, x: _as_dict(net.features(p, quantize(pixels_to_float(x)))))
     if judge.reference_stats is None:
       judge.reference_stats = self._reference_stats()
     self._judge_ready = True

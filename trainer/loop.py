@@ -5,6 +5,9 @@
 
 Every process runs this same code on its own devices; each reads only its rows of the global
 batch, only process 0 writes TensorBoard events, and Orbax coordinates the checkpoint writes.
+Batches are prepared ahead on the host (Grain) and put on the devices ahead of their step by a
+thread (trainer/prefetch.py); perf/input_wait_fraction is the share of the time the loop still
+waited for them.
 
 What survives what (docs/FAULTS.md has the full list): SIGTERM or SIGINT finishes the step,
 saves and raises Stopped; a step with a non-finite loss or gradients changes nothing and is
@@ -34,7 +37,10 @@ from trainer import state as state_lib
 from trainer import workdir as workdir_lib
 from trainer.checkpoint import Checkpointer
 from trainer.evaluation import Evaluator
+from trainer.prefetch import Prefetcher
 from trainer.summaries import Summaries, image_grid, save_png
+
+PREFETCH = 2   # batches put on the devices ahead of the step that takes them (trainer/prefetch.py)
 
 
 class Stopped(Exception):
@@ -115,12 +121,28 @@ def check_compatible(step, meta, saved, experiment, knobs, abstract, directory) 
     where = sorted(set(here) ^ set(there)) or [k for k in here if here[k] != there[k]]
     detail = (f'{where[0]} {there.get(where[0], "absent")} there, {here.get(where[0], "absent")} '
               f'here' if where else 'EMA parameters present in one and not the other')
+    layout = _layout_hint(here, there)
     raise state_lib.TrainError(
         f'the checkpoint of step {step} in {directory} does not fit this run of {experiment} '
-        f'({detail}); knobs that differ: {diff or "none recorded (the model code changed?)"}. '
+        f'({layout or detail}); knobs that differ: '
+        f'{diff or "none recorded (the model code changed?)"}. '
         'Use the checkpoint\'s knobs to resume it, or another --workdir; nothing was changed')
   if changed:
     logging.warning('resuming step %d with knobs changed since the checkpoint: %s', step, diff)
+
+
+def _layout_hint(here: dict, there: dict) -> str:
+  """Names the SCAN_LAYERS setting that reads a checkpoint whose blocks are laid out the other
+  way (stacked under 'blocks', or one 'block<i>' each); '' when that is not the difference."""
+  scanned = lambda shapes: any("['blocks']" in k for k in shapes)
+  unrolled = lambda shapes: any("['block0']" in k for k in shapes)
+  if scanned(there) and unrolled(here):
+    return ('its blocks are stacked (saved with SCAN_LAYERS=True) and this run unrolls them: '
+            'pass --set SCAN_LAYERS=True')
+  if unrolled(there) and scanned(here):
+    return ('its blocks are one module each (saved with SCAN_LAYERS=False) and this run scans '
+            'them: pass --set SCAN_LAYERS=False')
+  return ''
 
 
 def _ranges(rows) -> str:
@@ -247,17 +269,28 @@ def train(run, workdir: str, config_text: str = '', knobs: dict | None = None,
     bar = tqdm(total=s.num_steps, initial=start, disable=not is_main, dynamic_ncols=True)
     stack.callback(bar.close)   # before an error's message, which must start its own line
     pending = None                      # (step, metrics) read one step late
-    timer_step, timer = start, time.perf_counter()
+    timer_step, timer, waited = start, time.perf_counter(), 0.0
+    timed = {'s': 0.0, 'wait_s': 0.0, 'steps': 0}   # over the whole run, for the last line
     eval_metrics = {}
 
+    def restart_timer(step):
+      """The timed interval starts here: compilation, evaluation, sampling and saving stay out."""
+      nonlocal timer_step, timer, waited
+      timer_step, timer, waited = step, time.perf_counter(), batches.wait_s
+
     def log(step, metrics):
-      nonlocal timer_step, timer
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items() if k != 'finite'}
       values = {f'learning/{k}': v for k, v in metrics.items()}
       values['learning/skipped_steps'] = skipped
       now = time.perf_counter()
       if step > timer_step:
         step_time = (now - timer) / (step - timer_step)
+        # the time the loop was blocked waiting for its next batch, in the same interval
+        wait = batches.wait_s - waited
+        values['perf/input_wait_fraction'] = wait / (now - timer)
+        timed['s'] += now - timer
+        timed['wait_s'] += wait
+        timed['steps'] += step - timer_step
         per_s = s.global_batch / step_time
         values['perf/step_time_s'] = step_time
         values['perf/examples_per_s'] = per_s
@@ -268,7 +301,7 @@ def train(run, workdir: str, config_text: str = '', knobs: dict | None = None,
         if peak:
           values['perf/mfu'] = tflops / peak
         bar.set_postfix(loss=f'{metrics["loss"]:.4f}', step_s=f'{step_time:.3f}')
-      timer_step, timer = step, now
+      restart_timer(step)
       writer.scalars(values, step)
 
     bad = []   # the current run of consecutive non-finite steps
@@ -293,28 +326,34 @@ def train(run, workdir: str, config_text: str = '', knobs: dict | None = None,
             'of those steps')
 
     check_batch = getattr(task, 'check_batch', None)
-    signals = _StopSignals()
-    stack.callback(signals.restore)
-    stopped = None
-    previous = None                     # (step, metrics) whose finite flag is still unread
-    # prepared ahead, in order; closing stops Grain's threads and worker processes
-    batches = stack.enter_context(contextlib.closing(run.train_data.iterate(start, s.num_steps)))
-    for step in range(start, s.num_steps):
-      local = next(batches)
+
+    def prepare(step, local):
+      """Host batch -> global device arrays (the copy starts here), checked first."""
       if check_batch is not None:
         try:
           check_batch(model, local)
         except ValueError as e:
           raise state_lib.TrainError(f'training batch {step}: {e}') from None
-      state, metrics = train_step(state, to_global(local), frozen)
+      return to_global(local)
+
+    signals = _StopSignals()
+    stack.callback(signals.restore)
+    stopped = None
+    previous = None                     # (step, metrics) whose finite flag is still unread
+    # host batches prepared ahead, in order, by Grain (closing stops its threads and worker
+    # processes), then put on the devices ahead by a thread of ours (closed first)
+    host = stack.enter_context(contextlib.closing(run.train_data.iterate(start, s.num_steps)))
+    batches = stack.enter_context(Prefetcher(host, start, prepare, PREFETCH))
+    for step in range(start, s.num_steps):
+      state, metrics = train_step(state, next(batches), frozen)
       done = step + 1
       last = done == s.num_steps
       if previous is not None:
         check_finite(*previous)
       previous = (done, metrics)
-      if step == start:   # keep compilation out of the timed interval
+      if step == start:   # keep compilation (and the first batch's wait) out of the timing
         jax.block_until_ready(metrics)
-        timer_step, timer = done, time.perf_counter()
+        restart_timer(done)
       if pending is not None:
         log(*pending)
         pending = None
@@ -343,7 +382,7 @@ def train(run, workdir: str, config_text: str = '', knobs: dict | None = None,
         if do_sample:
           guarded('sampling', done, sample, state, done)
         jax.block_until_ready(state)  # eval, samples and saves stay out of the timed interval
-        timer_step, timer = done, time.perf_counter()
+        restart_timer(done)
       if stop:
         stopped = Stopped(signals.signum, done)
         logging.warning('%s', stopped)
@@ -354,6 +393,12 @@ def train(run, workdir: str, config_text: str = '', knobs: dict | None = None,
     if start >= s.num_steps:
       logging.info('Nothing to do: the checkpoint is already at step %d of %d.', start,
                    s.num_steps)
+    elif timed['steps']:
+      logging.info('%d timed steps took %.1f s, %.3f s per step; the loop waited for input '
+                   '%.1f%% of that time (perf/input_wait_fraction %.4f, prefetch %d)',
+                   timed['steps'], timed['s'], timed['s'] / timed['steps'],
+                   100 * timed['wait_s'] / timed['s'], timed['wait_s'] / timed['s'],
+                   PREFETCH)
     writer.close()
   if stopped is not None:   # raised after the ExitStack: the checkpoint is on disk by now
     raise stopped

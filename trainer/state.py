@@ -13,6 +13,7 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from layers import sharding
+from tasks.common import prepare_images
 
 
 CODEC_STREAM = 0x7AE   # folded into a step's key for the codec's draws, apart from the task's
@@ -112,9 +113,11 @@ def place_frozen(codec, mesh, rules=sharding.DEFAULT_RULES):
 
 def make_train_step(model, task, tx, lr_fn, ema_decay: float, codec=None):
   """(state, batch, frozen) -> (state, metrics): one optimizer step; jit it with the state
-  donated. With a `codec` (a frozen VAE whose params are `frozen`), the batch's images become
-  latents first, drawn with this step's key."""
+  donated. uint8 images become floats in [-1, 1] here, on the device. With a `codec` (a frozen
+  VAE whose params are `frozen`), the batch's images then become latents, drawn with this step's
+  key."""
   def train_step(state, batch, frozen=None):
+    batch = prepare_images(batch)
     # a fresh key per step from the stored one: a resumed run draws what a straight one did
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if codec is not None:
@@ -140,9 +143,11 @@ def make_train_step(model, task, tx, lr_fn, ema_decay: float, codec=None):
 
 
 def make_eval_step(model, task, codec=None):
-  """(params, batch, frozen) -> the task's eval sums; a codec's posterior draws use a fixed key,
-  so eval losses of different checkpoints see the same latents."""
+  """(params, batch, frozen) -> the task's eval sums (uint8 images scaled to [-1, 1] first, as in
+  the train step); a codec's posterior draws use a fixed key, so eval losses of different
+  checkpoints see the same latents."""
   def eval_step(params, batch, frozen=None):
+    batch = prepare_images(batch)
     if codec is not None:
       batch = codec.prepare(frozen, batch, jax.random.key(CODEC_STREAM))
     return task.eval_step(model, params, batch)
