@@ -6,7 +6,7 @@
 
 REF is a checkout of https://github.com/kvfrans/jaxtransformer (it has jaxtransformer/ at its
 top; written against its commit 6d7972c of 2025-05-28), for example
-`git clone https://github.com/kvfrans/jaxtransformer /tmp/jaxtransformer`. Only its
+`git clone https://github.com/kvfrans/jaxtransformer REF`. Only its
 `jaxtransformer/transformer.py`, `modalities.py` and `utils/train_state.py` are imported; they
 need flax, jax and einops, which requirements.txt already installs (no extra package). The
 reference's example scripts (examples/train_*.py) are not run: they parse flags and load data
