@@ -86,10 +86,13 @@ def test_family_trains_end_to_end(exp, tmp_path_factory):
   assert 'process 0 of 1 reads rows 0-7 of each global batch of 8' in stderr
   assert "'fsdp': 4" in stderr and 'over 4 devices' in stderr
   if exp.startswith('GPT'):
-    # every kernel whose model dim divides by 4 lands on fsdp; the largest is the token table
+    # every array with a model dim lands on fsdp: the 8 stacked block arrays (SCAN_LAYERS: one
+    # array per kind over all layers, 'layers' unsharded), both tables; the largest (a tie with
+    # the token table, the first in key order wins) is the stacked MLP input kernel
     line = [l for l in stderr.splitlines() if 'sharded over fsdp' in l][0]
-    assert "largest ['token_embed']['embedding']:" in line and "(None, 'fsdp')" in line
-    assert int(line.split('] ')[1].split(' of ')[0]) >= 12   # every kernel, not only the table
+    assert "largest ['backbone']['blocks']['mlp']['wi']['kernel']:" in line, line
+    assert "(None, 'fsdp', None)" in line
+    assert int(line.split('] ')[1].split(' of ')[0]) == 10
     assert 'perf/tokens_per_s' in scalars
     # held-out prompts and their continuations, as text beside the eval metrics
     from tensorboard.backend.event_processing import event_accumulator as ea
@@ -111,7 +114,8 @@ def test_dry_run_prints_params_and_shardings():
   lines = out.stdout.splitlines()
   params = int([l for l in lines if l.startswith('params: ')][0].split()[1])
   assert abs(params / 675e6 - 1) < 0.01
-  assert any("['mlp']['wi']['kernel']" in l and l.endswith("('fsdp', None)") for l in lines)
+  assert any("['blocks']['mlp']['wi']['kernel']" in l and l.endswith("P(None, 'fsdp', None)")
+             for l in lines)
 
 
 def test_list_and_print_config():
