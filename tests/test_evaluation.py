@@ -113,6 +113,22 @@ JUDGED = ['--set', 'FID_NUM=6', '--set', 'FID_EVERY=1', '--set', 'FID_BATCH=4',
           '--set', 'DENOISE_STEPS=2']
 
 
+def test_judge_loads_whichever_block_layout_it_was_trained_with(classifier, tmp_path_factory):
+  """A judge saved with SCAN_LAYERS=False (as every classifier trained before the knob existed)
+  is rebuilt with that layout from its checkpoint's record, whatever the experiment's default."""
+  from trainer import restore
+  unrolled = trained_once(tmp_path_factory, 'vit-unrolled', '--exp=ViT_T_Synthetic', *TINY,
+                          '--set', 'SCAN_LAYERS=False')[0]
+  assert restore.layout_overrides(classifier) == ['SCAN_LAYERS=True']
+  assert restore.layout_overrides(unrolled) == ['SCAN_LAYERS=False']
+  for workdir, scanned in ((classifier, True), (unrolled, False)):
+    judge = restore.TrainedClassifier('ViT_T_Synthetic', workdir)
+    assert judge.model.scan_layers is scanned
+    assert ('blocks' in judge.params['backbone']) is scanned
+    out = judge.features(judge.params, np.full((2, 16, 16, 3), 128.0, np.float32))
+    assert out['logits'].shape == (2, 10) and np.isfinite(out['features']).all()
+
+
 @pytest.fixture(scope='session')
 def judged(classifier, tmp_path_factory):
   """DiT_T_Synthetic judged by the trained ViT_T_Synthetic every step: (workdir, stderr)."""

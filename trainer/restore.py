@@ -15,6 +15,28 @@ from trainer import workdir as workdir_lib
 from trainer.checkpoint import Checkpointer
 
 
+# Knobs that decide how a checkpoint's parameters are laid out without changing what the model
+# computes, with the value a checkpoint whose record predates the knob was saved with.
+LAYOUT_KNOBS = {'SCAN_LAYERS': False}
+
+
+def layout_overrides(workdir: str) -> list[str]:
+  """`KNOB=VALUE` overrides that build a run laid out like the latest checkpoint under `workdir`
+  ([] when there is none): a classifier trained before SCAN_LAYERS existed, or with the other
+  setting, still loads as the judge of a generator."""
+  directory = workdir_lib.join(workdir_lib.resolve(workdir), 'checkpoints')
+  if not epath.Path(directory).is_dir():
+    return []
+  ckpt = Checkpointer(directory, async_save=False)
+  try:
+    if ckpt.latest_step() is None:
+      return []
+    knobs = ckpt.read_meta().get('knobs') or {}
+  finally:
+    ckpt.close()
+  return [f'{k}={knobs.get(k, default)!r}' for k, default in LAYOUT_KNOBS.items()]
+
+
 def latest_params(run, workdir: str, ema: bool = True):
   """(params, step, meta) of the latest checkpoint under `workdir`: the EMA parameters when the
   run keeps them and `ema`, else the trained ones; laid out on the run's mesh. The checkpoint
@@ -53,7 +75,7 @@ class TrainedClassifier:
     import fiddle as fdl
     from experiments import base   # lazily: experiments import the trainer's optimizer
     from jax.experimental import multihost_utils
-    _, cfg = base.build_config(exp)
+    _, cfg = base.build_config(exp, layout_overrides(workdir))
     run = types.SimpleNamespace(**{k: fdl.build(getattr(cfg, k))
                                    for k in ('model', 'task', 'optimizer', 'loop')})
     self.exp, self.model = exp, run.model
