@@ -127,7 +127,9 @@ def test_compute_dtype_keeps_float32_params():
   x = jnp.ones((1, 4, 16))
   params = nn.unbox(block.init(jax.random.key(0), x))
   assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
-  assert block.apply(params, x).dtype == jnp.bfloat16
+  # the branches compute in bfloat16; the residual stream they add to stays float32 unless asked
+  assert block.apply(params, x).dtype == jnp.float32
+  assert block.clone(residual_dtype=jnp.bfloat16).apply(params, x).dtype == jnp.bfloat16
 
 
 class _Unnamed(nn.Module):
