@@ -9,7 +9,7 @@ from flax import linen as nn
 from layers.embeddings import unpatchify
 from layers.linears import Dense
 from layers.normalizations import LayerNorm
-from layers.transformers import AdaLNModulation, modulate
+from layers.transformers import AdaLNModulation
 
 
 class ClassifierHead(nn.Module):
@@ -42,8 +42,8 @@ class FinalAdaLN(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
     shift, scale = AdaLNModulation(2, x.shape[-1], dtype=self.dtype, name='adaln')(c)
-    x = LayerNorm(self.norm_eps, use_scale=False, use_bias=False, dtype=self.dtype)(x)
-    x = modulate(x, shift, scale)
+    x = LayerNorm(self.norm_eps, use_scale=False, use_bias=False, dtype=self.dtype)(x, shift,
+                                                                                    scale)
     x = Dense(self.patch * self.patch * self.channels, ('embed', 'patch'),
               kernel_init=nn.initializers.zeros_init(), dtype=self.dtype, name='proj')(x)
     return unpatchify(x, self.patch, self.height, self.width)

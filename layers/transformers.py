@@ -41,10 +41,6 @@ class AdaLNModulation(nn.Module):
     return jnp.split(y[:, None, :], self.num, axis=-1)                      # num x [b, 1, d]
 
 
-def modulate(x, shift, scale):
-  return x * (1 + scale) + shift
-
-
 class Block(nn.Module):
   """x + attn(norm(x)), then + mlp(norm(x)); with `conditioned`, adaLN-Zero shift/scale/gate."""
   num_heads: int
@@ -72,16 +68,12 @@ class Block(nn.Module):
     # The residual stream keeps its own dtype (float32 by default): in bfloat16 the small
     # updates of deep blocks would round away. The branches compute in `dtype`.
     x = shard(x.astype(self.residual_dtype), ACT)
-    h = norm('norm1')(x)
-    if self.conditioned:
-      h = modulate(h, shift1, scale1)
+    h = norm('norm1')(x, shift1, scale1) if self.conditioned else norm('norm1')(x)
     h = SelfAttention(self.num_heads, causal=self.causal, impl=self.attention_impl,
                       decode=self.decode, fused_qkv=self.fused_qkv, dtype=self.dtype,
                       name='attn')(h)
     x = x + (gate1 * h if self.conditioned else h).astype(x.dtype)
-    h = norm('norm2')(x)
-    if self.conditioned:
-      h = modulate(h, shift2, scale2)
+    h = norm('norm2')(x, shift2, scale2) if self.conditioned else norm('norm2')(x)
     h = Mlp(int(d * self.mlp_ratio), dtype=self.dtype, name='mlp')(h)
     x = x + (gate2 * h if self.conditioned else h).astype(x.dtype)
     return shard(x, ACT)

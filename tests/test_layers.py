@@ -64,6 +64,43 @@ def test_layernorm_matches_numpy():
   np.testing.assert_allclose(ln.apply(params, x), want, atol=1e-5)
 
 
+@pytest.mark.parametrize('modulated', [False, True])
+def test_layer_norm_gradients_match_closed_form(modulated):
+  # the custom VJP keeps only x and recomputes the statistics: its gradients must equal the
+  # textbook LayerNorm backward for [d] parameters and for adaLN's per-example [b, 1, d]
+  from layers.normalizations import layer_norm
+  rng = np.random.default_rng(3)
+  x = (rng.normal(size=(3, 5, 16)) * 3 + 1).astype(np.float32)
+  pshape = (3, 1, 16) if modulated else (16,)
+  scale, shift = (rng.normal(size=pshape).astype(np.float32) for _ in range(2))
+  g = rng.normal(size=x.shape).astype(np.float32)
+  out, vjp = jax.vjp(lambda *a: layer_norm(*a, 1e-6, jnp.float32), x, scale, shift)
+  dx, d_scale, d_shift = vjp(jnp.asarray(g))
+
+  x64, g64 = x.astype(np.float64), g.astype(np.float64)
+  mean = x64.mean(-1, keepdims=True)
+  rstd = 1 / np.sqrt(((x64 - mean) ** 2).mean(-1, keepdims=True) + 1e-6)
+  y = (x64 - mean) * rstd
+  gy = g64 * scale
+  want_dx = rstd * (gy - gy.mean(-1, keepdims=True) - y * (gy * y).mean(-1, keepdims=True))
+  axes = (1,) if modulated else (0, 1)
+  np.testing.assert_allclose(out, y * scale + shift, atol=2e-5)
+  np.testing.assert_allclose(dx, want_dx, atol=2e-5)
+  np.testing.assert_allclose(d_scale, (g64 * y).sum(axes).reshape(pshape), atol=1e-4)
+  np.testing.assert_allclose(d_shift, g64.sum(axes).reshape(pshape), atol=1e-4)
+
+
+def test_gelu_tanh_matches_autodiff_of_the_formula():
+  from layers.mlps import gelu_tanh
+  x = jnp.linspace(-8.0, 8.0, 4001)
+  plain = lambda v: jax.nn.gelu(v, approximate=True)
+  assert_close_f32(gelu_tanh(x), plain(x))
+  assert_close_f32(jax.vmap(jax.grad(gelu_tanh))(x), jax.vmap(jax.grad(plain))(x))
+  xb = x.astype(jnp.bfloat16)
+  assert gelu_tanh(xb).dtype == jnp.bfloat16
+  assert jax.grad(lambda v: gelu_tanh(v).astype(jnp.float32).sum())(xb).dtype == jnp.bfloat16
+
+
 def test_sincos_tables_match_closed_form():
   dim, grid = 16, 4
   want1 = np.zeros((5, dim))

@@ -207,3 +207,15 @@ def test_dit_flops_match_paper(size, paper_gflops):
   hidden, depth, _ = dit.SIZES[size]
   macs = dit.flops_per_example(image_size=32, channels=4, patch=2, hidden=hidden, depth=depth) / 2
   assert abs(macs / 1e9 / paper_gflops - 1) < 0.005
+
+
+def test_token_cross_entropy_counts_ties_as_argmax_does():
+  # rows 1 and 3 of the table are equal, so both ids get the top logit: argmax (and the hit)
+  # is the first of them
+  from layers.heads import token_cross_entropy
+  table = jnp.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [1.0, 0.0]])
+  h = jnp.array([[[2.0, 0.0], [2.0, 0.0], [0.0, 2.0]]])
+  nll, correct = token_cross_entropy(h, table, jnp.array([[1, 3, 0]]), vocab_size=4)
+  np.testing.assert_array_equal(correct, [[True, False, True]])
+  logp = jax.nn.log_softmax(jnp.einsum('bld,vd->blv', h, table), -1)
+  np.testing.assert_allclose(nll, -logp[0, jnp.arange(3), jnp.array([1, 3, 0])][None], rtol=1e-6)
