@@ -71,6 +71,10 @@ class Experiment:
   LR = 1e-4
   WARMUP = 100
   LR_SCHEDULE = 'constant'        # 'constant' | 'cosine'
+  # AdamW's decoupled decay as optax and PyTorch define it: multiplied by the learning rate, so
+  # each step scales every decayed weight by (1 - lr_t * WEIGHT_DECAY) and the decay follows the
+  # schedule. Recipes that state a decay not multiplied by the LR (big_vision's `wd`) divide it
+  # by the peak LR here.
   WEIGHT_DECAY = 0.0
   ADAM_B1 = 0.9
   ADAM_B2 = 0.999
@@ -106,7 +110,8 @@ class Experiment:
                   'IMAGE_SIZE', 'SEQ_LEN', 'VOCAB_SIZE', 'VOCAB_MULTIPLE', 'NUM_CLASSES',
                   'DENOISE_STEPS')
   AT_LEAST_ZERO = ('SAMPLE_EVERY', 'LOSS_CHUNK', 'EVAL_BATCHES', 'WARMUP', 'WEIGHT_DECAY',
-                   'GRAD_CLIP', 'SEED', 'FID_NUM', 'FID_EVERY', 'FID_BATCH', 'DATA_WORKERS')
+                   'INIT_STD', 'GRAD_CLIP', 'SEED', 'FID_NUM', 'FID_EVERY', 'FID_BATCH',
+                   'DATA_WORKERS')
   CHOICES = {'LR_SCHEDULE': ('constant', 'cosine'), 'DTYPE': ('float32', 'bfloat16'),
              'RESIDUAL_DTYPE': ('float32', 'bfloat16'),
              'ATTENTION_IMPL': ('einsum', 'xla', 'cudnn', 'auto'),

@@ -36,7 +36,9 @@ class DiT(Experiment, abstract=True):
   EMA_DECAY = 0.9999
   CFG_SCALE = 1.5
   CLASS_DROPOUT = 0.1
-  DENOISE_STEPS = 128
+  DENOISE_STEPS = 128          # Euler steps of the sampler (and the grid of T_SAMPLING='grid')
+  T_SAMPLING = 'uniform'       # training t: 'uniform' | 'logit_normal' (SD3) | 'grid'
+  CHOICES = {**Experiment.CHOICES, 'T_SAMPLING': ('uniform', 'logit_normal', 'grid')}
   SAMPLE_CLASSES = 10          # sample grids show this many classes ...
   SAMPLES_PER_CLASS = 8        # ... with this many images each
   # Sample quality, logged as eval/fid (see tasks/fid.py). Without the Inception weights file
@@ -116,7 +118,7 @@ class DiT(Experiment, abstract=True):
                       channels=channels, denoise_timesteps=self.DENOISE_STEPS,
                       class_dropout_prob=self.CLASS_DROPOUT, cfg_scale=self.CFG_SCALE,
                       sample_classes=min(self.SAMPLE_CLASSES, self.NUM_CLASSES),
-                      samples_per_class=self.SAMPLES_PER_CLASS)
+                      samples_per_class=self.SAMPLES_PER_CLASS, t_sampling=self.T_SAMPLING)
 
   def flops_per_example(self):
     """The DiT's own FLOPs; a frozen VAE's encoding is not counted (MFU is the model's)."""

@@ -15,7 +15,9 @@ class GPT(Experiment, abstract=True):
   LR_SCHEDULE = 'cosine'
   WEIGHT_DECAY = 0.1
   ADAM_B2 = 0.95
-  TIE_EMBEDDINGS = True
+  TIE_EMBEDDINGS = True            # the token table is the output layer, and is not decayed
+  INIT_STD = 0.02                  # GPT-2 / nanoGPT: normal(0.02), residual projections scaled
+                                   # by 1/sqrt(2 DEPTH); 0: Xavier-uniform as the other families
   VOCAB_MULTIPLE = 128             # the token table's rows: VOCAB_SIZE rounded up to a multiple
   LOSS_CHUNK = 128                 # positions per cross-entropy chunk (models/gpt.py); 0: none
   SAMPLE_PROMPT = '\n'
@@ -29,6 +31,7 @@ class GPT(Experiment, abstract=True):
                       hidden=self.HIDDEN, depth=self.DEPTH, heads=self.HEADS,
                       mlp_ratio=self.MLP_RATIO, tie_embeddings=self.TIE_EMBEDDINGS,
                       vocab_multiple=self.VOCAB_MULTIPLE, loss_chunk=self.LOSS_CHUNK,
+                      init_std=self.INIT_STD,
                       **self.backbone_fields())
 
   def task(self):

@@ -14,7 +14,7 @@ class ViT(Experiment, abstract=True):
   LR = 1e-3
   WARMUP = 1000
   LR_SCHEDULE = 'cosine'
-  WEIGHT_DECAY = 1e-4
+  WEIGHT_DECAY = 0.1             # big_vision's ImageNet ViTs: wd 1e-4 at LR 1e-3 (1e-4 / 1e-3)
   LABEL_SMOOTHING = 0.0
   MIXUP = 0.0                   # mixup weight ~ Beta(MIXUP, MIXUP) per batch; 0 disables
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from layers.linears import DenseGeneral
+from layers.linears import DenseGeneral, normal_or_default
 from layers.sharding import shard
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row stays NaN-free
@@ -61,6 +61,8 @@ class SelfAttention(nn.Module):
   decode: bool = False
   fused_qkv: bool = False
   dtype: jnp.dtype = jnp.float32
+  init_std: float = 0.0         # > 0: normal(init_std) for q, k, v; 0: Xavier-uniform
+  out_init_std: float = 0.0     # the same for the output projection
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -70,11 +72,12 @@ class SelfAttention(nn.Module):
       raise ValueError(f'model dim {d} is not divisible by num_heads {n}')
     h = self.head_dim or d // n
     proj = lambda name: DenseGeneral((n, h), ('embed', 'heads', 'kv'), use_bias=self.use_bias,
+                                     kernel_init=normal_or_default(self.init_std),
                                      dtype=self.dtype, name=name)
     if self.fused_qkv:
       # each of the three initialised as its separate projection would be (fans d and n*h)
-      init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=0,
-                                              out_axis=(2, 3), batch_axis=(1,))
+      init = normal_or_default(self.init_std) or nn.initializers.variance_scaling(
+          1.0, 'fan_avg', 'uniform', in_axis=0, out_axis=(2, 3), batch_axis=(1,))
       qkv = DenseGeneral((3, n, h), ('embed', 'qkv', 'heads', 'kv'), use_bias=self.use_bias,
                          kernel_init=init, dtype=self.dtype, name='qkv')(x)  # [b, l, 3, n, h]
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -90,7 +93,8 @@ class SelfAttention(nn.Module):
       out = attend(q, k, v, causal=self.causal, impl=self.impl)
     out = shard(out, ('act_batch', 'act_len', 'act_heads', None))
     return DenseGeneral(d, ('heads', 'kv', 'embed'), num_contract=2, use_bias=self.use_bias,
-                        dtype=self.dtype, name='out')(out)
+                        kernel_init=normal_or_default(self.out_init_std), dtype=self.dtype,
+                        name='out')(out)
 
   def _decode(self, q, k, v):
     initialised = self.has_variable('cache', 'cached_key')

@@ -53,6 +53,11 @@ class DenseGeneral(nn.Module):
     return y
 
 
+def normal_or_default(std: float) -> Initializer | None:
+  """normal(std) for std > 0, else None (DenseGeneral's Xavier-uniform default)."""
+  return nn.initializers.normal(std) if std > 0 else None
+
+
 def Dense(features: int, kernel_axes: Sequence[str], **kwargs) -> DenseGeneral:  # noqa: N802
   """A DenseGeneral contracting the last dim: kernel [in, features]."""
   return DenseGeneral(features=features, kernel_axes=kernel_axes, num_contract=1, **kwargs)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from layers.linears import Dense
+from layers.linears import Dense, normal_or_default
 from layers.sharding import shard
 
 _SQRT_2_OVER_PI = 0.7978845608028654
@@ -45,11 +45,14 @@ class Mlp(nn.Module):
   hidden: int
   use_bias: bool = True
   dtype: jnp.dtype = jnp.float32
+  init_std: float = 0.0         # > 0: normal(init_std) for wi; 0: Xavier-uniform
+  out_init_std: float = 0.0     # the same for wo
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
     y = Dense(self.hidden, ('embed', 'mlp'), use_bias=self.use_bias, dtype=self.dtype,
-              name='wi')(x)                                                 # [b, l, f]
+              kernel_init=normal_or_default(self.init_std), name='wi')(x)   # [b, l, f]
     y = shard(gelu_tanh(y), ('act_batch', 'act_len', 'act_mlp'))
-    return Dense(d, ('mlp', 'embed'), use_bias=self.use_bias, dtype=self.dtype, name='wo')(y)
+    return Dense(d, ('mlp', 'embed'), use_bias=self.use_bias, dtype=self.dtype,
+                 kernel_init=normal_or_default(self.out_init_std), name='wo')(y)

@@ -53,6 +53,8 @@ class Block(nn.Module):
   dtype: jnp.dtype = jnp.float32
   residual_dtype: jnp.dtype = jnp.float32
   fused_qkv: bool = False
+  init_std: float = 0.0        # > 0: normal(init_std) weights instead of Xavier-uniform ...
+  out_init_std: float = 0.0    # ... and this std for the two projections into the residual
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array | None = None) -> jax.Array:
@@ -71,10 +73,11 @@ class Block(nn.Module):
     h = norm('norm1')(x, shift1, scale1) if self.conditioned else norm('norm1')(x)
     h = SelfAttention(self.num_heads, causal=self.causal, impl=self.attention_impl,
                       decode=self.decode, fused_qkv=self.fused_qkv, dtype=self.dtype,
-                      name='attn')(h)
+                      init_std=self.init_std, out_init_std=self.out_init_std, name='attn')(h)
     x = x + (gate1 * h if self.conditioned else h).astype(x.dtype)
     h = norm('norm2')(x, shift2, scale2) if self.conditioned else norm('norm2')(x)
-    h = Mlp(int(d * self.mlp_ratio), dtype=self.dtype, name='mlp')(h)
+    h = Mlp(int(d * self.mlp_ratio), dtype=self.dtype, init_std=self.init_std,
+            out_init_std=self.out_init_std, name='mlp')(h)
     x = x + (gate2 * h if self.conditioned else h).astype(x.dtype)
     return shard(x, ACT)
 
@@ -124,13 +127,18 @@ class Backbone(nn.Module):
   dtype: jnp.dtype = jnp.float32
   residual_dtype: jnp.dtype = jnp.float32
   fused_qkv: bool = False
+  # > 0: GPT-2's initialisation, normal(init_std) weights with the attention output and MLP
+  # output projections at init_std / sqrt(2 depth), as each block adds two of them to the
+  # residual stream (Radford et al. 2019); 0: Xavier-uniform throughout
+  init_std: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array | None = None) -> jax.Array:
     recompute, policy = remat_policy(self.remat)
     x = x.astype(self.residual_dtype)   # a scan's carry keeps one dtype throughout
     fields = (self.num_heads, self.mlp_ratio, self.causal, self.conditioned, self.norm_eps,
-              self.attention_impl, self.decode, self.dtype, self.residual_dtype, self.fused_qkv)
+              self.attention_impl, self.decode, self.dtype, self.residual_dtype, self.fused_qkv,
+              self.init_std, self.init_std / (2 * self.depth) ** 0.5)
     if self.scan:
       block_cls = _ScanBlock
       if recompute:

@@ -45,6 +45,7 @@ class GPT(nn.Module):
   dtype: jnp.dtype = jnp.float32
   residual_dtype: jnp.dtype = jnp.float32   # the blocks' residual stream (layers/transformers)
   fused_qkv: bool = False
+  init_std: float = 0.02           # GPT-2's init (layers/transformers.Backbone); 0: Xavier
 
   @property
   def padded_vocab(self) -> int:
@@ -73,7 +74,8 @@ class GPT(nn.Module):
     h = Backbone(self.depth, self.heads, self.mlp_ratio, causal=True, norm_eps=1e-5,
                  attention_impl=self.attention_impl, remat=self.remat, scan=self.scan_layers,
                  residual_dtype=self.residual_dtype, fused_qkv=self.fused_qkv,
-                 decode=self.decode, dtype=self.dtype, name='backbone')(h)
+                 init_std=self.init_std, decode=self.decode, dtype=self.dtype,
+                 name='backbone')(h)
     h = LayerNorm(1e-5, dtype=self.dtype, name='final_norm')(h)
     if self.tie_embeddings:
       table = embed.embedding                                               # [v, d]

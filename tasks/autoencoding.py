@@ -41,7 +41,7 @@ class Autoencoding:
     loss = (l1 + self.kl_weight * kl).mean() / pixels   # per pixel, so LR needs no rescaling
     return loss, {'l1': l1.mean() / pixels, 'mse': mse.mean(), 'kl': kl.mean()}
 
-  def eval_step(self, model, params, batch):
+  def eval_step(self, model, params, batch, rng=None):   # deterministic: rng unused
     """Sums over real rows of the posterior-mean reconstruction's errors and of the KL."""
     x = batch['image']
     mask = batch_mask(batch, x.shape[0])

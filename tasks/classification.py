@@ -36,7 +36,7 @@ class Classification:
     accuracy = (logits.argmax(-1) == labels).mean()
     return nll.mean(), {'accuracy': accuracy}
 
-  def eval_step(self, model, params, batch):
+  def eval_step(self, model, params, batch, rng=None):   # deterministic: rng unused
     logits = model.apply({'params': params}, batch['image'])
     mask = batch_mask(batch, logits.shape[0])
     nll = cross_entropy(logits, batch['label'])

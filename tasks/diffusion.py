@@ -2,10 +2,13 @@
 
 x0 is Gaussian noise, x1 the data, t in [0, 1] goes from noise to data:
   x_t = (1 - (1 - sigma_min) t) x0 + t x1,      target velocity v = x1 - (1 - sigma_min) x0.
-t is drawn from the grid {0, 1/N, ..., (N-1)/N}, N = denoise_timesteps, and sampling takes N
-Euler steps over the same grid. Labels are replaced by the null class with probability
-class_dropout_prob so the same network also learns the unconditional velocity used by
-classifier-free guidance: v = v_null + cfg_scale (v_label - v_null).
+t is drawn continuously during training (`t_sampling`: 'uniform' on [0, 1), or 'logit_normal',
+sigmoid of a standard normal, which favours the middle of the path as in SD3, Esser et al. 2024),
+so the sampler may take any number of Euler steps (denoise_timesteps by default); 'grid' draws t
+from {0, 1/N, ..., (N-1)/N}, N = denoise_timesteps, the sampler's own grid. Labels are
+replaced by the null class with probability class_dropout_prob so the same network also learns
+the unconditional velocity used by classifier-free guidance:
+  v = v_null + cfg_scale (v_label - v_null).
 """
 from __future__ import annotations
 
@@ -39,12 +42,30 @@ def euler_sample(velocity_fn, x0, num_steps: int):
   return jax.lax.fori_loop(0, num_steps, body, x0)
 
 
+T_SAMPLING = ('uniform', 'logit_normal', 'grid')
+
+
+def draw_t(rng, b: int, how: str, grid: int):
+  """b training times in [0, 1): see the module docstring for `how`."""
+  if how == 'uniform':
+    return jax.random.uniform(rng, (b,), jnp.float32)
+  if how == 'logit_normal':
+    return jax.nn.sigmoid(jax.random.normal(rng, (b,), jnp.float32))
+  if how == 'grid':
+    return (jax.random.randint(rng, (b,), 0, grid) / grid).astype(jnp.float32)
+  raise ValueError(f't_sampling {how!r}: use one of {T_SAMPLING}')
+
+
 class FlowMatching:
   """batch: {'image': [b, H, W, c] in [-1, 1] (or latents), 'label': int [b]}."""
 
   def __init__(self, num_classes: int, image_size: int = 0, channels: int = 0,
                denoise_timesteps: int = 128, class_dropout_prob: float = 0.1,
-               cfg_scale: float = 1.5, sample_classes: int = 10, samples_per_class: int = 8):
+               cfg_scale: float = 1.5, sample_classes: int = 10, samples_per_class: int = 8,
+               t_sampling: str = 'uniform'):
+    if t_sampling not in T_SAMPLING:
+      raise ValueError(f't_sampling {t_sampling!r}: use one of {T_SAMPLING}')
+    self.t_sampling = t_sampling
     self.num_classes = num_classes
     self.image_size, self.channels = image_size, channels
     self.denoise_timesteps = denoise_timesteps
@@ -67,9 +88,9 @@ class FlowMatching:
     x1, y = batch['image'], batch['label']
     rng_t, rng_x, rng_y = jax.random.split(rng, 3)
     b = x1.shape[0]
-    t = jax.random.randint(rng_t, (b,), 0, self.denoise_timesteps) / self.denoise_timesteps
+    t = draw_t(rng_t, b, self.t_sampling, self.denoise_timesteps)
     x0 = jax.random.normal(rng_x, x1.shape, x1.dtype)
-    return x0, x1, t.astype(jnp.float32), y, rng_y
+    return x0, x1, t, y, rng_y
 
   def _per_example_loss(self, model, params, x0, x1, t, y):
     v = model.apply({'params': params}, interpolate(x0, x1, t), t, y)
@@ -83,8 +104,9 @@ class FlowMatching:
     return loss, {}
 
   def eval_step(self, model, params, batch, rng=None):
-    """Conditional flow-matching loss with noise and t fixed by `rng` (a fixed key by default),
-    so eval losses of different checkpoints are comparable."""
+    """Conditional flow-matching loss with noise and t drawn from `rng` (a fixed key by default).
+    The evaluator passes a key per eval batch (its index folded into a fixed key), so the eval
+    loss of every checkpoint sees the same draws and the batches different ones."""
     rng = jax.random.key(0) if rng is None else rng
     x0, x1, t, y, _ = self._noised(batch, rng)
     mask = batch_mask(batch, x1.shape[0])

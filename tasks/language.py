@@ -58,7 +58,7 @@ class LanguageModeling:
     nll, correct = model.apply({'params': params}, tokens[:, :-1], tokens[:, 1:])  # [b, l]
     return nll.mean(), {'accuracy': correct.mean()}
 
-  def eval_step(self, model, params, batch):
+  def eval_step(self, model, params, batch, rng=None):   # deterministic: rng unused
     tokens = batch['tokens']
     nll, correct = model.apply({'params': params}, tokens[:, :-1], tokens[:, 1:])
     mask = batch_mask(batch, tokens.shape[0])[:, None]

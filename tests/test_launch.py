@@ -40,7 +40,10 @@ def trained_once(tmp_path_factory, name, *args, devices=1):
   all xdist workers (their temp dirs share a parent; a file lock serialises the first run), for
   the tiny checkpoints several tests only read."""
   import filelock
-  root = tmp_path_factory.getbasetemp().parent
+  # under xdist each worker's basetemp is a child of the session's; without it the parent is
+  # shared by every session, so a run made by older code would be read back
+  base = tmp_path_factory.getbasetemp()
+  root = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
   wd, log = root / f'shared-{name}', root / f'shared-{name}.stderr'
   with filelock.FileLock(str(root / f'shared-{name}.lock')):
     if not log.exists():

@@ -1,5 +1,7 @@
 """Every model: shapes, dtype policy, finite loss and gradients, full-size parameter counts,
 GPT KV-cache decoding, and sharded init on 8 fake CPU devices."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,3 +221,22 @@ def test_token_cross_entropy_counts_ties_as_argmax_does():
   np.testing.assert_array_equal(correct, [[True, False, True]])
   logp = jax.nn.log_softmax(jnp.einsum('bld,vd->blv', h, table), -1)
   np.testing.assert_allclose(nll, -logp[0, jnp.arange(3), jnp.array([1, 3, 0])][None], rtol=1e-6)
+
+
+def test_gpt_init_matches_gpt2():
+  # normal(0.02) weights, the attention output and MLP output projections at 0.02 / sqrt(2 depth)
+  # (Radford et al. 2019; nanoGPT), biases zero; INIT_STD=0 keeps Xavier-uniform
+  depth, d = 4, 256
+  model = gpt.GPT(vocab_size=512, max_len=16, hidden=d, depth=depth, heads=4, vocab_multiple=1)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32)))['params']
+  block = params['backbone']['block0']
+  scaled = 0.02 / math.sqrt(2 * depth)
+  for w, std in [(block['attn']['query']['kernel'], 0.02), (block['mlp']['wi']['kernel'], 0.02),
+                 (block['attn']['out']['kernel'], scaled), (block['mlp']['wo']['kernel'], scaled),
+                 (params['token_embed']['embedding'], 0.02)]:
+    assert abs(float(jnp.std(w)) - std) < 0.03 * std and abs(float(jnp.mean(w))) < 0.1 * std
+  np.testing.assert_array_equal(block['mlp']['wo']['bias'], 0)
+  xavier = nn.unbox(model.clone(init_std=0.0).init(
+      jax.random.key(0), jnp.zeros((1, 16), jnp.int32)))['params']['backbone']['block0']
+  wi = xavier['mlp']['wi']['kernel']                        # uniform, var 2 / (d + 4d)
+  assert abs(float(jnp.std(wi)) - math.sqrt(2 / (5 * d))) < 0.03 * math.sqrt(2 / (5 * d))

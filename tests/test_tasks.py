@@ -38,6 +38,77 @@ def test_flow_matching_loss_is_zero_for_true_velocity():
   np.testing.assert_allclose(loss, 0.01, rtol=1e-4)
 
 
+class _RecordsTime:
+  """A velocity model that records the times it is queried at (called outside jit)."""
+
+  def __init__(self):
+    self.seen = []
+
+  def apply(self, variables, x_t, t, y):
+    self.seen.append(np.asarray(t))
+    return jnp.zeros_like(x_t)
+
+
+@pytest.mark.parametrize('how', ['uniform', 'logit_normal', 'grid'])
+def test_training_times_reach_the_model_as_configured(how):
+  # continuous t: the model sees times off the sampler's grid, so any number of sampling steps
+  # queries times it was trained on; 'grid' keeps the old draw from {k / N}
+  n = 8
+  task = diffusion.FlowMatching(num_classes=10, denoise_timesteps=n, t_sampling=how)
+  model = _RecordsTime()
+  batch = {'image': jnp.zeros((512, 2, 2, 1)), 'label': jnp.zeros((512,), jnp.int32)}
+  task.loss(model, None, batch, jax.random.key(0))
+  t = model.seen[0]
+  assert t.shape == (512,) and t.dtype == np.float32 and (t >= 0).all() and (t < 1).all()
+  off_grid = np.abs(t * n - np.round(t * n)) > 1e-4
+  if how == 'grid':
+    assert not off_grid.any() and len(np.unique(t)) == n
+  else:
+    assert off_grid.mean() > 0.95
+    # uniform: mean 1/2, variance 1/12; logit-normal: symmetric about 1/2, fewer draws near the
+    # ends (P(t < 0.1) = Phi(logit 0.1) = 0.014 against 0.1)
+    assert abs(t.mean() - 0.5) < 0.05
+    near_end = (t < 0.1).mean()
+    assert (0.06 < near_end < 0.14) if how == 'uniform' else near_end < 0.04
+  with pytest.raises(ValueError, match='logit_normal'):
+    diffusion.FlowMatching(num_classes=10, t_sampling='beta')
+
+
+def test_eval_noise_differs_between_batches_and_repeats_per_batch():
+  from trainer import state as state_lib
+  task = diffusion.FlowMatching(num_classes=10, denoise_timesteps=8)
+  m = jnp.linspace(-1, 1, 12).reshape(1, 2, 2, 3)
+  batch = {'image': jnp.broadcast_to(m, (4, 2, 2, 3)), 'label': jnp.zeros((4,), jnp.int32)}
+
+  class Zero:
+    def apply(self, variables, x_t, t, y):
+      return jnp.zeros_like(x_t)
+
+  step = jax.jit(state_lib.make_eval_step(Zero(), task))
+  first, again, second = (float(step(None, batch, None, i)['loss_sum']) for i in (0, 0, 1))
+  assert first == again and first != second
+
+
+def test_weight_decay_per_step_is_lr_times_the_knob():
+  # with zero gradients Adam's update is 0, so a step changes a decayed weight by exactly
+  # -lr_t * WEIGHT_DECAY * w (experiments/base.py) and leaves biases and norms alone
+  from trainer.optimizer import adamw
+  opt = adamw(lr=1e-3, warmup=4, schedule='cosine', num_steps=100, weight_decay=0.1)
+  params = {'mlp': {'wi': {'kernel': jnp.full((3, 3), 2.0), 'bias': jnp.full((3,), 2.0)}}}
+  state = opt.tx.init(params)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for step in range(6):
+    updates, state = opt.tx.update(zero, state, params)
+    new = jax.tree.map(lambda p, u: p + u, params, updates)
+    want = params['mlp']['wi']['kernel'] * (1 - float(opt.lr(step)) * 0.1)
+    np.testing.assert_allclose(new['mlp']['wi']['kernel'], want, rtol=1e-6)
+    np.testing.assert_array_equal(new['mlp']['wi']['bias'], params['mlp']['wi']['bias'])
+    params = new
+  # the ImageNet ViTs cite big_vision's wd 1e-4 per step at the peak LR, not multiplied by it
+  from experiments.vit import ViT_B_ImageNet
+  assert ViT_B_ImageNet.LR * ViT_B_ImageNet.WEIGHT_DECAY == pytest.approx(1e-4)
+
+
 def test_interpolation_endpoints():
   x0, x1 = jnp.ones((2, 3)), jnp.full((2, 3), 5.0)
   np.testing.assert_allclose(diffusion.interpolate(x0, x1, jnp.zeros(2)), x0)

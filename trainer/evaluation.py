@@ -72,7 +72,7 @@ class Evaluator:
           except ValueError as e:
             raise state_lib.TrainError(f'eval batch {i}: {e}') from None
         batch = state_lib.to_global(self.batch_sharding, batch, s.global_batch)
-        out = jax.device_get(self.eval_step(params, batch, self.frozen))
+        out = jax.device_get(self.eval_step(params, batch, self.frozen, i))
         sums = out if sums is None else jax.tree.map(np.add, sums, out)
     self.split_batches = n
     return self.run.task.finalize(sums)

@@ -15,7 +15,10 @@ class Optimizer(NamedTuple):
 
 def adamw(lr: float, warmup: int, schedule: str, num_steps: int, weight_decay: float = 0.0,
           b1: float = 0.9, b2: float = 0.999, grad_clip: float = 0.0) -> Optimizer:
-  """Linear warmup to `lr` over `warmup` steps, then constant or cosine decay to 0 at num_steps."""
+  """Linear warmup to `lr` over `warmup` steps, then constant or cosine decay to 0 at num_steps.
+
+  `weight_decay` is optax's (and PyTorch's) decoupled decay: a decayed weight w loses
+  lr_t * weight_decay * w at step t, on top of the Adam update (experiments/base.py)."""
   warmup = max(int(warmup), 0)
   if schedule == 'constant':
     after = optax.constant_schedule(lr)

@@ -17,6 +17,7 @@ from tasks.common import prepare_images
 
 
 CODEC_STREAM = 0x7AE   # folded into a step's key for the codec's draws, apart from the task's
+EVAL_STREAM = 0xE7A1   # the eval split's key, before each batch's index is folded in
 
 
 class TrainError(RuntimeError):
@@ -143,14 +144,16 @@ def make_train_step(model, task, tx, lr_fn, ema_decay: float, codec=None):
 
 
 def make_eval_step(model, task, codec=None):
-  """(params, batch, frozen) -> the task's eval sums (uint8 images scaled to [-1, 1] first, as in
-  the train step); a codec's posterior draws use a fixed key, so eval losses of different
-  checkpoints see the same latents."""
-  def eval_step(params, batch, frozen=None):
+  """(params, batch, frozen, index) -> the task's eval sums (uint8 images scaled to [-1, 1] first,
+  as in the train step). Random draws (the task's noise, a codec's posterior samples) come from
+  a fixed key with the eval batch's `index` folded in: every checkpoint's eval sees the same
+  draws, and each batch its own."""
+  def eval_step(params, batch, frozen=None, index=0):
+    key = jax.random.fold_in(jax.random.key(EVAL_STREAM), index)
     batch = prepare_images(batch)
     if codec is not None:
-      batch = codec.prepare(frozen, batch, jax.random.key(CODEC_STREAM))
-    return task.eval_step(model, params, batch)
+      batch = codec.prepare(frozen, batch, jax.random.fold_in(key, CODEC_STREAM))
+    return task.eval_step(model, params, batch, key)
   return eval_step
 
 
