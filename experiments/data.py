@@ -31,6 +31,8 @@ class FashionMNISTData(Experiment, abstract=True):
   IMAGE_SIZE = 28
   CHANNELS = 1
   NUM_CLASSES = 10
+  CLASS_NAMES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
+                 'Sneaker', 'Bag', 'Ankle boot')          # the rows of sample grids
   FASHION_MNIST_DIR = None
   TRAIN_SPLIT = 'train'
   EVAL_SPLIT = 'test'

@@ -118,7 +118,8 @@ class DiT(Experiment, abstract=True):
                       channels=channels, denoise_timesteps=self.DENOISE_STEPS,
                       class_dropout_prob=self.CLASS_DROPOUT, cfg_scale=self.CFG_SCALE,
                       sample_classes=min(self.SAMPLE_CLASSES, self.NUM_CLASSES),
-                      samples_per_class=self.SAMPLES_PER_CLASS, t_sampling=self.T_SAMPLING)
+                      samples_per_class=self.SAMPLES_PER_CLASS, t_sampling=self.T_SAMPLING,
+                      class_names=getattr(self, 'CLASS_NAMES', ()))
 
   def flops_per_example(self):
     """The DiT's own FLOPs; a frozen VAE's encoding is not counted (MFU is the model's)."""

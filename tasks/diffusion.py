@@ -62,10 +62,11 @@ class FlowMatching:
   def __init__(self, num_classes: int, image_size: int = 0, channels: int = 0,
                denoise_timesteps: int = 128, class_dropout_prob: float = 0.1,
                cfg_scale: float = 1.5, sample_classes: int = 10, samples_per_class: int = 8,
-               t_sampling: str = 'uniform'):
+               t_sampling: str = 'uniform', class_names: tuple[str, ...] = ()):
     if t_sampling not in T_SAMPLING:
       raise ValueError(f't_sampling {t_sampling!r}: use one of {T_SAMPLING}')
     self.t_sampling = t_sampling
+    self.class_names = tuple(class_names)
     self.num_classes = num_classes
     self.image_size, self.channels = image_size, channels
     self.denoise_timesteps = denoise_timesteps
@@ -78,11 +79,14 @@ class FlowMatching:
             jnp.zeros((batch_size,)), jnp.zeros((batch_size,), jnp.int32))
 
   def samples(self, model, params, rng):
-    """{'images': [classes * per_class, H, W, c]}, one row per class (Euler + CFG)."""
+    """{'images': [classes * per_class, H, W, c]}, one row per class (Euler + CFG), with the
+    rows' labels ('3 Dress' given class names, else the class index)."""
     labels = jnp.repeat(jnp.arange(self.sample_classes), self.samples_per_class)
     shape = (self.image_size, self.image_size, self.channels)
+    names = [f'{k} {self.class_names[k]}' if k < len(self.class_names) else str(k)
+             for k in range(self.sample_classes)]
     return {'images': self.sample(model, params, labels, rng, shape),
-            'ncols': self.samples_per_class}
+            'ncols': self.samples_per_class, 'row_labels': names}
 
   def _noised(self, batch, rng):
     x1, y = batch['image'], batch['label']

@@ -57,7 +57,8 @@ def test_sample_writes_the_images_deterministically_and_reads_only(trained, tmp_
   assert a['labels'].tolist() == spread_labels(7, 10).tolist()
   assert len(np.unique(a['images'].reshape(7, -1), axis=0)) == 7   # not one image repeated
   from PIL import Image
-  assert np.asarray(Image.open(tmp_path / 'a.png')).shape == (3 * 17 + 1, 3 * 17 + 1, 3)
+  # 3 x 3 cells of 16-pixel images shown 6x (96 pixels)
+  assert np.asarray(Image.open(tmp_path / 'a.png')).shape == (3 * 97 + 1, 3 * 97 + 1, 3)
   # the same command gives the same bytes, on another device count too; another SEED does not
   ok(launch(*args, f'--out={tmp_path / "b.npz"}', devices=1))
   np.testing.assert_array_equal(np.load(tmp_path / 'b.npz')['images'], a['images'])

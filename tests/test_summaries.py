@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator as ea
 
-from trainer.summaries import Summaries, image_grid, read_scalars, save_png
+from trainer.summaries import Summaries, image_grid, read_scalars, save_png, upscale_for
 
 
 def load(logdir):
@@ -107,6 +107,30 @@ def test_image_grid():
   assert (partial[4:, 4:] == 255).all()  # the empty cell
 
 
+def test_image_grid_upscales_by_repeating_pixels_and_labels_rows():
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, size=(6, 5, 4, 1)).astype(np.float32)
+  plain = image_grid(images, ncols=3, pad=0, value_range=(-1, 1))
+  big = image_grid(images, ncols=3, pad=0, value_range=(-1, 1), scale=3)
+  assert big.shape == (2 * 15, 3 * 12, 1)
+  # nearest neighbour: every 3x3 block is one pixel of the plain grid
+  np.testing.assert_array_equal(big, plain.repeat(3, axis=0).repeat(3, axis=1))
+  assert upscale_for(28) == 3 and upscale_for(32) == 3 and upscale_for(256) == 1
+
+  labelled = image_grid(images, ncols=3, pad=1, value_range=(-1, 1), scale=3,
+                        row_labels=['0 T-shirt/top', '1 Trouser'])
+  unlabelled = image_grid(images, ncols=3, pad=1, value_range=(-1, 1), scale=3)
+  margin = labelled.shape[1] - unlabelled.shape[1]
+  assert labelled.shape[0] == unlabelled.shape[0] and margin > 20
+  np.testing.assert_array_equal(labelled[:, margin:], unlabelled)
+  # each row's label is drawn (dark pixels) beside that row and nowhere else
+  row = lambda r: labelled[1 + r * 16:1 + r * 16 + 15, :margin]
+  assert (row(0) < 128).any() and (row(1) < 128).any()
+  assert (labelled[0, :margin] == 255).all() and (labelled[16, :margin] == 255).all()
+  with pytest.raises(ValueError, match='3 row labels for a grid of 2 rows'):
+    image_grid(images, ncols=3, value_range=(-1, 1), row_labels=['a', 'b', 'c'])
+
+
 def test_save_png_round_trip(tmp_path):
   rng = np.random.default_rng(0)
   for c in (1, 3):
@@ -117,3 +141,29 @@ def test_save_png_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded.reshape(image.shape), image)
   with pytest.raises(ValueError):
     save_png(str(tmp_path / 'x.png'), np.zeros((5, 6, 3), np.float32))
+
+
+def test_plot_curves_draws_each_tag_from_the_events(tmp_path, capsys):
+  from tools import plot_curves
+  s = Summaries(str(tmp_path / 'tb'), enabled=True)
+  for step in range(1, 101):
+    s.scalars({'learning/loss': 2.0 * 0.97 ** step}, step)
+    if step % 25 == 0:
+      s.scalars({'eval/loss': 2.2 * 0.97 ** step}, step)
+  s.close()
+  out = tmp_path / 'curves.png'
+  assert plot_curves.main(['--logdir', str(tmp_path / 'tb'), '--tags', 'learning/loss',
+                           'eval/loss', '--out', str(out), '--log_y']) == 0
+  from PIL import Image
+  image = np.asarray(Image.open(out))
+  assert image.shape == (plot_curves.HEIGHT, plot_curves.WIDTH, 3)
+  blue, orange = (np.all(image == c, axis=-1) for c in plot_curves.COLOURS[:2])
+  assert blue.sum() > 300 and orange.sum() > 50
+  # the loss falls: inside the plotting area its line starts high on the left, ends low
+  area = blue[:, plot_curves.LEFT + 2:plot_curves.LEFT + 60]
+  right = plot_curves.WIDTH - plot_curves.RIGHT
+  late = blue[:, right - 60:right - 2]
+  assert np.nonzero(area)[0].mean() < np.nonzero(late)[0].mean()
+  assert plot_curves.main(['--logdir', str(tmp_path / 'tb'), '--tags', 'eval/acc', '--out',
+                           str(out)]) == 2
+  assert "no scalar 'eval/acc'" in capsys.readouterr().err

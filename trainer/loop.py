@@ -38,7 +38,7 @@ from trainer import workdir as workdir_lib
 from trainer.checkpoint import Checkpointer
 from trainer.evaluation import Evaluator
 from trainer.prefetch import Prefetcher
-from trainer.summaries import Summaries, image_grid, save_png
+from trainer.summaries import Summaries, image_grid, save_png, upscale_for
 
 PREFETCH = 2   # batches put on the devices ahead of the step that takes them (trainer/prefetch.py)
 
@@ -244,7 +244,9 @@ def train(run, workdir: str, config_text: str = '', knobs: dict | None = None,
       if 'images' in out:
         images = decode(frozen, out['images'])   # latents -> pixels with a codec
         images = np.asarray(multihost_utils.process_allgather(images, tiled=True))
-        grid = image_grid(images, out['ncols'], value_range=(-1, 1))
+        grid = image_grid(images, out['ncols'], value_range=(-1, 1),
+                          scale=upscale_for(images.shape[1]),
+                          row_labels=out.get('row_labels'))
         writer.image('samples', grid, step)
         if is_main:
           save_png(path('png'), grid)

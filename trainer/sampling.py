@@ -22,7 +22,7 @@ from tqdm import tqdm
 from layers import sharding
 from trainer import state as state_lib
 from trainer.restore import latest_params
-from trainer.summaries import image_grid, save_png
+from trainer.summaries import image_grid, save_png, upscale_for
 
 
 def spread_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -91,7 +91,8 @@ def sample_images(run, workdir: str, num_samples: int, out: str,
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     np.savez(out, images=images, labels=labels)
     ncols = math.ceil(math.sqrt(num_samples))
-    save_png(grid_path, image_grid(images, ncols, value_range=(0, 255)))
+    save_png(grid_path, image_grid(images, ncols, value_range=(0, 255),
+                                   scale=upscale_for(images.shape[1])))
   return {'images': images, 'labels': labels, 'step': step, 'grid': grid_path}
 
 

@@ -13,6 +13,7 @@ import os
 import socket
 import time
 import uuid
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -112,15 +113,20 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def image_grid(images: np.ndarray, ncols: int, pad: int = 1, *,
-               value_range: tuple[float, float]) -> np.ndarray:
+               value_range: tuple[float, float], scale: int = 1,
+               row_labels: Sequence[str] | None = None) -> np.ndarray:
   """Tiles `images` [n, H, W, C] into one uint8 HWC image, row by row.
 
   `value_range` (e.g. (-1, 1) or (0, 1)) maps linearly onto 0..255, clipping outside it.
-  `pad` white pixels separate the tiles and frame the grid, so the result is
-  (rows * (H + pad) + pad, ncols * (W + pad) + pad, C) with rows = ceil(n / ncols);
-  cells after the last image stay white.
+  Each image is enlarged `scale` times by repeating pixels (nearest neighbour: a 28-pixel sample
+  stays sharp, and no interpolation invents detail). `pad` white pixels separate the tiles and
+  frame the grid, so the result is (rows * (H s + pad) + pad, ncols * (W s + pad) + pad, C)
+  with rows = ceil(n / ncols); cells after the last image stay white. `row_labels` (one string
+  per row) are written in black in a white margin left of the rows, which widens the grid.
   """
   images = np.asarray(images, dtype=np.float32)
+  if scale > 1:
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
   n, h, w, c = images.shape
   lo, hi = value_range
   tiles = np.round(np.clip((images - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
@@ -129,7 +135,26 @@ def image_grid(images: np.ndarray, ncols: int, pad: int = 1, *,
   for i, tile in enumerate(tiles):
     y, x = pad + (i // ncols) * (h + pad), pad + (i % ncols) * (w + pad)
     grid[y:y + h, x:x + w] = tile
-  return grid
+  if row_labels is None:
+    return grid
+  if len(row_labels) != rows:
+    raise ValueError(f'{len(row_labels)} row labels for a grid of {rows} rows')
+  from PIL import ImageDraw, ImageFont
+  font = ImageFont.load_default()
+  width = max(int(math.ceil(font.getlength(label))) for label in row_labels) + 8
+  margin = Image.new('L', (width, grid.shape[0]), 255)
+  draw = ImageDraw.Draw(margin)
+  for r, label in enumerate(row_labels):
+    top, bottom = pad + r * (h + pad), pad + r * (h + pad) + h
+    box = draw.textbbox((0, 0), label, font=font)
+    draw.text((4, (top + bottom - (box[3] - box[1])) // 2 - box[1]), label, fill=0, font=font)
+  margin = np.repeat(np.asarray(margin, np.uint8)[..., None], c, axis=-1)
+  return np.concatenate([margin, grid], axis=1)
+
+
+def upscale_for(size: int, target: int = 84) -> int:
+  """The whole factor that brings a `size`-pixel image to at least `target` pixels (28 -> 3)."""
+  return max(1, -(-target // size))
 
 
 def save_png(path: str, image: np.ndarray) -> None:
