@@ -58,7 +58,7 @@ class ViT_T_FashionMNIST(data.FashionMNISTData, ViT):
 class ViT_T_FashionMNIST_Judge(ViT_T_FashionMNIST):
   """The classifier that judges DiT_T_FashionMNIST's samples (eval/fd_fmnist on its features,
   eval/class_consistency from its predictions): ViT_T_FashionMNIST cut to 400 steps, about
-  4 minutes on 2 CPU cores: `python launch.py --exp=ViT_T_FashionMNIST_Judge
+  3 minutes on 2 CPU cores: `python launch.py --exp=ViT_T_FashionMNIST_Judge
   --workdir=workdirs/fmnist_judge`. Its test accuracy is in docs/RESULTS.md."""
   NUM_STEPS = 400
   WARMUP = 40
