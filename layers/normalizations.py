@@ -73,10 +73,10 @@ class LayerNorm(nn.Module):
     bias = (self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                             ('norm',)), (d,), jnp.float32)
             if self.use_bias else jnp.zeros((d,), jnp.float32))
+    # (y gain + bias) (1 + scale) + shift, as one gain and one bias
     if scale is not None:
-      gain = gain * (1 + scale.astype(jnp.float32))
+      gain, bias = gain * (1 + scale.astype(jnp.float32)), bias * (1 + scale.astype(jnp.float32))
     if shift is not None:
-      bias = bias * (1 + scale.astype(jnp.float32)) if scale is not None else bias
       bias = bias + shift.astype(jnp.float32)
     return layer_norm(x, gain, bias, self.epsilon, self.dtype)
 

@@ -90,6 +90,20 @@ def test_layer_norm_gradients_match_closed_form(modulated):
   np.testing.assert_allclose(d_shift, g64.sum(axes).reshape(pshape), atol=1e-4)
 
 
+def test_layernorm_module_modulates_its_own_affine_output():
+  # LayerNorm(x, shift, scale) = modulate(LayerNorm(x)) = (y gain + bias)(1 + scale) + shift,
+  # with either modulation alone too
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(2, 3, 8)).astype(np.float32)
+  shift, scale = (rng.normal(size=(2, 1, 8)).astype(np.float32) for _ in range(2))
+  ln = LayerNorm(epsilon=1e-5)
+  params = jax.tree.map(lambda p: p + 0.5, nn.unbox(ln.init(jax.random.key(0), x)))
+  plain = np.asarray(ln.apply(params, x), np.float64)
+  for sh, sc, want in [(shift, scale, plain * (1 + scale) + shift), (None, scale,
+                       plain * (1 + scale)), (shift, None, plain + shift)]:
+    np.testing.assert_allclose(ln.apply(params, x, sh, sc), want, atol=1e-5)
+
+
 def test_gelu_tanh_matches_autodiff_of_the_formula():
   from layers.mlps import gelu_tanh
   x = jnp.linspace(-8.0, 8.0, 4001)
