@@ -22,6 +22,7 @@ from typing import Any
 
 import fiddle as fdl
 
+from layers import attentions, transformers
 from trainer.optimizer import adamw
 
 REGISTRY: dict[str, type['Experiment']] = {}
@@ -114,8 +115,7 @@ class Experiment:
                    'DATA_WORKERS')
   CHOICES = {'LR_SCHEDULE': ('constant', 'cosine'), 'DTYPE': ('float32', 'bfloat16'),
              'RESIDUAL_DTYPE': ('float32', 'bfloat16'),
-             'ATTENTION_IMPL': ('einsum', 'xla', 'cudnn', 'auto'),
-             'REMAT': ('none', 'full', 'dots_saveable', 'dots_with_no_batch_dims_saveable')}
+             'ATTENTION_IMPL': attentions.IMPLEMENTATIONS, 'REMAT': transformers.REMAT_POLICIES}
 
   def __init_subclass__(cls, abstract: bool = False, **kwargs):
     super().__init_subclass__(**kwargs)

@@ -9,6 +9,7 @@ from input.latents import LatentRecords
 from models import dit
 from models import inception
 from models import vae
+from tasks import diffusion
 from tasks.diffusion import FlowMatching
 from tasks.fid import SampleJudge
 from trainer.restore import TrainedClassifier
@@ -38,7 +39,7 @@ class DiT(Experiment, abstract=True):
   CLASS_DROPOUT = 0.1
   DENOISE_STEPS = 128          # Euler steps of the sampler (and the grid of T_SAMPLING='grid')
   T_SAMPLING = 'uniform'       # training t: 'uniform' | 'logit_normal' (SD3) | 'grid'
-  CHOICES = {**Experiment.CHOICES, 'T_SAMPLING': ('uniform', 'logit_normal', 'grid')}
+  CHOICES = {**Experiment.CHOICES, 'T_SAMPLING': diffusion.T_SAMPLING}
   SAMPLE_CLASSES = 10          # sample grids show this many classes ...
   SAMPLES_PER_CLASS = 8        # ... with this many images each
   # Sample quality, logged as eval/fid (see tasks/fid.py). Without the Inception weights file
