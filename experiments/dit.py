@@ -37,9 +37,11 @@ class DiT(Experiment, abstract=True):
   EMA_DECAY = 0.9999
   CFG_SCALE = 1.5
   CLASS_DROPOUT = 0.1
-  DENOISE_STEPS = 128          # Euler steps of the sampler (and the grid of T_SAMPLING='grid')
+  DENOISE_STEPS = 128          # steps of the sampler (and the grid of T_SAMPLING='grid')
+  SAMPLER = 'euler'            # 'euler' (1 velocity call a step) | 'heun' (2 calls, 2nd order)
   T_SAMPLING = 'uniform'       # training t: 'uniform' | 'logit_normal' (SD3) | 'grid'
-  CHOICES = {**Experiment.CHOICES, 'T_SAMPLING': diffusion.T_SAMPLING}
+  CHOICES = {**Experiment.CHOICES, 'T_SAMPLING': diffusion.T_SAMPLING,
+             'SAMPLER': tuple(diffusion.SAMPLERS)}
   SAMPLE_CLASSES = 10          # sample grids show this many classes ...
   SAMPLES_PER_CLASS = 8        # ... with this many images each
   # Sample quality, logged as eval/fid (see tasks/fid.py). Without the Inception weights file
@@ -120,7 +122,7 @@ class DiT(Experiment, abstract=True):
                       class_dropout_prob=self.CLASS_DROPOUT, cfg_scale=self.CFG_SCALE,
                       sample_classes=min(self.SAMPLE_CLASSES, self.NUM_CLASSES),
                       samples_per_class=self.SAMPLES_PER_CLASS, t_sampling=self.T_SAMPLING,
-                      class_names=getattr(self, 'CLASS_NAMES', ()))
+                      class_names=getattr(self, 'CLASS_NAMES', ()), sampler=self.SAMPLER)
 
   def flops_per_example(self):
     """The DiT's own FLOPs; a frozen VAE's encoding is not counted (MFU is the model's)."""

@@ -17,6 +17,8 @@ class ViT(Experiment, abstract=True):
   WEIGHT_DECAY = 0.1             # big_vision's ImageNet ViTs: wd 1e-4 at LR 1e-3 (1e-4 / 1e-3)
   LABEL_SMOOTHING = 0.0
   MIXUP = 0.0                   # mixup weight ~ Beta(MIXUP, MIXUP) per batch; 0 disables
+  POOL = 'cls'                  # the head reads: 'cls' (a class token) | 'gap' (mean of patches)
+  CHOICES = {**Experiment.CHOICES, 'POOL': vit.POOLS}
 
   def validate(self):
     super().validate()
@@ -26,7 +28,7 @@ class ViT(Experiment, abstract=True):
   def model(self):
     return fdl.Config(vit.ViT, image_size=self.IMAGE_SIZE, channels=self.CHANNELS,
                       patch=self.PATCH, hidden=self.HIDDEN, depth=self.DEPTH, heads=self.HEADS,
-                      num_classes=self.NUM_CLASSES, mlp_ratio=self.MLP_RATIO,
+                      num_classes=self.NUM_CLASSES, mlp_ratio=self.MLP_RATIO, pool=self.POOL,
                       **self.backbone_fields())
 
   def task(self):
@@ -36,7 +38,7 @@ class ViT(Experiment, abstract=True):
 
   def flops_per_example(self):
     return vit.flops_per_example(self.IMAGE_SIZE, self.CHANNELS, self.PATCH, self.HIDDEN,
-                                 self.DEPTH, self.NUM_CLASSES, self.MLP_RATIO)
+                                 self.DEPTH, self.NUM_CLASSES, self.MLP_RATIO, self.POOL)
 
 
 class ViT_T_FashionMNIST(data.FashionMNISTData, ViT):

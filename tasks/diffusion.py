@@ -1,11 +1,12 @@
-"""Flow matching (rectified flow) for class-conditional image generation, and its Euler sampler.
+"""Flow matching (rectified flow) for class-conditional image generation, and its samplers.
 
 x0 is Gaussian noise, x1 the data, t in [0, 1] goes from noise to data:
   x_t = (1 - (1 - sigma_min) t) x0 + t x1,      target velocity v = x1 - (1 - sigma_min) x0.
 t is drawn continuously during training (`t_sampling`: 'uniform' on [0, 1), or 'logit_normal',
 sigmoid of a standard normal, which favours the middle of the path as in SD3, Esser et al. 2024),
-so the sampler may take any number of Euler steps (denoise_timesteps by default); 'grid' draws t
-from {0, 1/N, ..., (N-1)/N}, N = denoise_timesteps, the sampler's own grid. Labels are
+so the sampler (Euler, or Heun's second-order method) may take any number of steps
+(denoise_timesteps by default); 'grid' draws t from {0, 1/N, ..., (N-1)/N}, N =
+denoise_timesteps, the Euler sampler's own grid. Labels are
 replaced by the null class with probability class_dropout_prob so the same network also learns
 the unconditional velocity used by classifier-free guidance:
   v = v_null + cfg_scale (v_label - v_null).
@@ -42,6 +43,22 @@ def euler_sample(velocity_fn, x0, num_steps: int):
   return jax.lax.fori_loop(0, num_steps, body, x0)
 
 
+def heun_sample(velocity_fn, x0, num_steps: int):
+  """The same integral by Heun's method (the trapezoid rule with an Euler predictor; Karras et
+  al. 2022 use it for diffusion): second-order accurate at two velocity calls per step, so it
+  reaches Euler's accuracy in far fewer calls on smooth paths."""
+  dt = 1.0 / num_steps
+
+  def body(i, x):
+    t = jnp.full((x.shape[0],), i * dt, jnp.float32)
+    v = velocity_fn(x, t).astype(x.dtype)
+    v_next = velocity_fn(x + dt * v, t + dt).astype(x.dtype)
+    return x + 0.5 * dt * (v + v_next)
+
+  return jax.lax.fori_loop(0, num_steps, body, x0)
+
+
+SAMPLERS = {'euler': euler_sample, 'heun': heun_sample}
 T_SAMPLING = ('uniform', 'logit_normal', 'grid')
 
 
@@ -60,9 +77,13 @@ class FlowMatching:
   def __init__(self, num_classes: int, image_size: int = 0, channels: int = 0,
                denoise_timesteps: int = 128, class_dropout_prob: float = 0.1,
                cfg_scale: float = 1.5, sample_classes: int = 10, samples_per_class: int = 8,
-               t_sampling: str = 'uniform', class_names: tuple[str, ...] = ()):
+               t_sampling: str = 'uniform', class_names: tuple[str, ...] = (),
+               sampler: str = 'euler'):
     if t_sampling not in T_SAMPLING:
       raise ValueError(f't_sampling {t_sampling!r}: use one of {T_SAMPLING}')
+    if sampler not in SAMPLERS:
+      raise ValueError(f'sampler {sampler!r}: use one of {tuple(SAMPLERS)}')
+    self.sampler = sampler
     self.t_sampling = t_sampling
     self.class_names = tuple(class_names)
     self.num_classes = num_classes
@@ -138,4 +159,4 @@ class FlowMatching:
       v_cond, v_null = jnp.split(v, 2)
       return v_null + cfg * (v_cond - v_null)
 
-    return euler_sample(velocity, x0, steps)
+    return SAMPLERS[self.sampler](velocity, x0, steps)

@@ -86,7 +86,12 @@ class SampleJudge:
   uint8 as a viewer would see them, and their features compared with `reference` (a statistics
   .npz) or, without one, with statistics of the run's own eval split (up to `reference_num`
   examples). Logged as eval/<name>; a classifier also gives eval/class_consistency, its accuracy
-  on the samples against the labels they were drawn for.
+  on the samples against the labels they were drawn for, and, when the reference is the eval
+  split (labelled real images), eval/real_accuracy (its accuracy on those images),
+  eval/consistency_ratio (the first over the second) and eval/worst_class_ratio, the smallest
+  per-class ratio (class k's consistency over its accuracy on real class-k images), with that
+  class as eval/worst_class: a generator that drops a class shows there even when the mean is
+  fine.
 
   A feature network or reference that is absent does not stop training: `problem` says what is
   missing and the trainer warns once.
@@ -105,6 +110,7 @@ class SampleJudge:
     self.reference, self.reference_num, self.batch_size = reference, reference_num, batch_size
     self.problem = None        # why this judge cannot run, or None
     self.net, self.reference_stats = None, None
+    self.real_accuracy = None  # per class, on the reference images, when they are labelled
 
   def load(self) -> None:
     """The feature network and the reference statistics file, once; sets `problem` when either

@@ -12,7 +12,7 @@ import scipy.special
 from input.fashion_mnist import FashionMNIST
 from models.vit import ViT
 from tasks.classification import Classification
-from tasks.common import prepare_images
+from tasks.common import pixels_to_float, prepare_images
 from tests.test_launch import launch, ok, trained_once
 from tests.test_sampling import snapshot
 from trainer.summaries import read_scalars
@@ -125,8 +125,12 @@ def test_judge_loads_whichever_block_layout_it_was_trained_with(classifier, tmp_
     judge = restore.TrainedClassifier('ViT_T_Synthetic', workdir)
     assert judge.model.scan_layers is scanned
     assert ('blocks' in judge.params['backbone']) is scanned
-    out = judge.features(judge.params, np.full((2, 16, 16, 3), 128.0, np.float32))
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), np.uint8)
+    out = judge.features(judge.params, pixels.astype(np.float32))
     assert out['logits'].shape == (2, 10) and np.isfinite(out['features']).all()
+    # the judge sees exactly what its training steps saw for the same uint8 images
+    logits = judge.model.apply({'params': judge.params}, pixels_to_float(jnp.asarray(pixels)))
+    np.testing.assert_array_equal(out['logits'], logits)
 
 
 @pytest.fixture(scope='session')
@@ -157,6 +161,56 @@ def test_classifier_judges_the_samples_in_training_and_eval(classifier, judged):
   assert record['class_consistency'] == pytest.approx(scalars['eval/class_consistency'][-1][1],
                                                      abs=1e-6)
   assert record['loss'] == pytest.approx(scalars['eval/loss'][-1][1], rel=1e-5)
+
+  # the judge's accuracy on the real eval-split images, computed here, and the ratios built on it
+  from experiments import base
+  import fiddle as fdl
+  from trainer import evaluation, restore
+  judge = restore.TrainedClassifier('ViT_T_Synthetic', classifier)
+  _, cfg = base.build_config('DiT_T_Synthetic', TINY[1::2])
+  source = fdl.build(cfg.eval_data)
+  hits, labels = [], []
+  for i in range(source.num_eval_batches()):
+    batch = source.batch(i)
+    real = batch['mask'] > 0
+    pixels = evaluation.quantize(pixels_to_float(jnp.asarray(batch['image'])))
+    logits = np.asarray(judge.features(judge.params, pixels)['logits'])
+    hits.append(logits.argmax(-1)[real] == batch['label'][real])
+    labels.append(batch['label'][real])
+  hits, labels = np.concatenate(hits), np.concatenate(labels)
+  per_class = [hits[labels == k].mean() for k in range(10)]
+  # FID_NUM=6 samples cover 6 of the 10 classes: the real accuracy is weighted as they are
+  from trainer.sampling import spread_labels
+  sampled = sorted(set(spread_labels(6, 10).tolist()))
+  assert record['real_accuracy'] == pytest.approx(np.mean([per_class[k] for k in sampled]),
+                                                  abs=1e-9)
+  # (this two-step judge may recognise no real image of some classes: their ratio is undefined)
+  candidates = [k for k in sampled if per_class[k] > 0]
+  assert record['worst_class'] in (candidates or [-1])
+  if candidates:
+    # the worst class's ratio is at most the pooled one (a mediant lies between its terms)
+    assert record['worst_class_ratio'] <= record['consistency_ratio'] + 1e-9
+    assert record['consistency_ratio'] == pytest.approx(
+        record['class_consistency'] / record['real_accuracy'], rel=1e-9)
+
+
+def test_consistency_ratios_per_class_against_a_hand_count():
+  from trainer import evaluation
+  np.testing.assert_array_equal(
+      evaluation.per_class_mean(np.array([1, 0, 1, 1]), np.array([0, 0, 1, 1]), 3),
+      [0.5, 1.0, np.nan])
+  # classes 0 and 1 were sampled (consistency 0.5 and 1.0), class 2 was not
+  out = evaluation.consistency_ratios(np.array([0.5, 1.0, np.nan]), np.array([1.0, 0.8, 0.9]),
+                                      overall=0.75)
+  assert out['real_accuracy'] == pytest.approx(0.9)
+  assert out['consistency_ratio'] == pytest.approx(0.75 / 0.9)
+  assert out['worst_class'] == 0 and out['worst_class_ratio'] == pytest.approx(0.5)
+  # a class never recognised in real images has no ratio; with none left there is no worst
+  out = evaluation.consistency_ratios(np.array([0.5, 0.0]), np.array([0.0, 0.6]), overall=0.25)
+  assert out['worst_class'] == 1 and out['worst_class_ratio'] == 0.0
+  out = evaluation.consistency_ratios(np.array([0.5, np.nan]), np.array([0.0, 0.6]), 0.5)
+  assert out['worst_class'] == -1 and np.isnan(out['worst_class_ratio'])
+  assert np.isnan(out['consistency_ratio']) and out['real_accuracy'] == 0.0
 
 
 def test_eval_mode_reports_fid_with_inception_weights(judged, tmp_path):

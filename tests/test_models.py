@@ -82,6 +82,31 @@ def test_vit_b16_parameter_count():
   assert abs(n / 86e6 - 1) < 0.01, n   # 86.4M: the paper's 86.6M less the learned positions
 
 
+def test_vit_gap_pools_the_patch_tokens_without_a_class_token():
+  """pool='gap': no class token, and the head's features are its LayerNorm of the mean of the
+  backbone's patch outputs (checked in NumPy from the captured backbone output)."""
+  model = vit.ViT(image_size=8, channels=1, patch=4, hidden=32, depth=2, heads=4, num_classes=7,
+                  pool='gap')
+  x = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
+  params = nn.unbox(model.init(jax.random.key(1), x)['params'])
+  assert 'cls_token' not in params and 'cls_token' in nn.unbox(
+      vit.ViT(image_size=8, channels=1, patch=4, hidden=32, depth=2, heads=4,
+              num_classes=7).init(jax.random.key(1), x)['params'])
+  (logits, feats), state = model.apply({'params': params}, x, return_features=True,
+                                       capture_intermediates=True, mutable=['intermediates'])
+  h = np.asarray(state['intermediates']['backbone']['__call__'][0], np.float64)   # [3, 4, 32]
+  assert h.shape == (3, 4, 32)
+  m = h.mean(1)
+  norm = params['head']['norm']
+  want = ((m - m.mean(-1, keepdims=True)) / np.sqrt(m.var(-1, keepdims=True) + 1e-6)
+          * np.asarray(norm['scale']) + np.asarray(norm['bias']))
+  np.testing.assert_allclose(feats, want, atol=1e-5)
+  assert logits.shape == (3, 7)
+  with pytest.raises(ValueError, match="'cls', 'gap'"):
+    vit.ViT(image_size=8, channels=1, patch=4, hidden=32, depth=2, heads=4, num_classes=7,
+            pool='max').init(jax.random.key(1), x)
+
+
 def test_gpt2_small_parameter_count():
   model = gpt.GPT(vocab_size=50257, max_len=1024, hidden=768, depth=12, heads=12,
                   vocab_multiple=1)

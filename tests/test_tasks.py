@@ -72,6 +72,8 @@ def test_training_times_reach_the_model_as_configured(how):
     assert (0.06 < near_end < 0.14) if how == 'uniform' else near_end < 0.04
   with pytest.raises(ValueError, match='logit_normal'):
     diffusion.FlowMatching(num_classes=10, t_sampling='beta')
+  with pytest.raises(ValueError, match='heun'):
+    diffusion.FlowMatching(num_classes=10, sampler='rk4')
 
 
 def test_eval_noise_differs_between_batches_and_repeats_per_batch():
@@ -125,6 +127,20 @@ def test_euler_integrates_linear_field_exactly():
   np.testing.assert_allclose(out, x0 + (n - 1) / n, atol=1e-5)
 
 
+def test_heun_is_exact_on_linear_time_fields_and_second_order():
+  x0 = jnp.arange(6.0).reshape(2, 3)
+  # dx/dt = 2t: the trapezoid rule is exact for any number of steps (Euler is not, above)
+  out = diffusion.heun_sample(lambda x, t: 2.0 * t[:, None] * jnp.ones_like(x), x0, 3)
+  np.testing.assert_allclose(out, x0 + 1.0, atol=1e-5)
+  # dx/dt = x: each step multiplies by 1 + h + h^2/2, closed form against e
+  for n in (4, 8):
+    out = diffusion.heun_sample(lambda x, t: x, x0, n)
+    np.testing.assert_allclose(out, x0 * (1 + 1 / n + 0.5 / n**2) ** n, rtol=1e-5)
+  err = [float(jnp.abs(diffusion.heun_sample(lambda x, t: x, x0, n) - x0 * np.e).max())
+         for n in (4, 8)]
+  assert 3.5 < err[0] / err[1] < 4.5      # halving the step quarters the error
+
+
 class _ClassVelocity:
   """Velocity = label value (null class -> -1), constant in x and t."""
 
@@ -133,9 +149,9 @@ class _ClassVelocity:
     return jnp.broadcast_to(v[:, None, None, None], x.shape)
 
 
-@pytest.mark.parametrize('cfg', [1.0, 4.0])
-def test_sampler_applies_classifier_free_guidance(cfg):
-  task = diffusion.FlowMatching(num_classes=10, denoise_timesteps=16)
+@pytest.mark.parametrize('cfg,sampler', [(1.0, 'euler'), (4.0, 'euler'), (4.0, 'heun')])
+def test_sampler_applies_classifier_free_guidance(cfg, sampler):
+  task = diffusion.FlowMatching(num_classes=10, denoise_timesteps=16, sampler=sampler)
   labels = jnp.array([2, 5])
   out = task.sample(_ClassVelocity(), None, labels, jax.random.key(0), (2, 2, 1), cfg_scale=cfg)
   x0 = jax.random.normal(jax.random.key(0), (2, 2, 2, 1))

@@ -34,6 +34,28 @@ def quantize(images):
   return jnp.round(jnp.clip((images.astype(jnp.float32) + 1) / 2, 0, 1) * 255)
 
 
+def per_class_mean(values, labels, num_classes: int) -> np.ndarray:
+  """[num_classes] means of `values` over each class's examples (NaN for a class without any)."""
+  sums = np.bincount(labels, weights=values.astype(np.float64), minlength=num_classes)
+  counts = np.bincount(labels, minlength=num_classes)
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return sums / counts
+
+
+def consistency_ratios(consistency, real_accuracy, overall: float) -> dict:
+  """The judge's accuracy on samples against its accuracy on real images, overall (the real
+  accuracy weighted as the samples' classes are) and for the worst class among those sampled
+  that it ever recognises in real images (a ratio over 0 is undefined: NaN, worst_class -1)."""
+  real_overall = float(np.nanmean(np.where(np.isnan(consistency), np.nan, real_accuracy)))
+  defined = ~np.isnan(consistency) & (real_accuracy > 0)
+  ratios = np.where(defined, consistency / np.where(defined, real_accuracy, 1), np.inf)
+  worst = int(np.argmin(ratios)) if defined.any() else -1
+  return {'real_accuracy': real_overall,
+          'consistency_ratio': overall / real_overall if real_overall > 0 else float('nan'),
+          'worst_class_ratio': float(ratios[worst]) if worst >= 0 else float('nan'),
+          'worst_class': worst}
+
+
 class Evaluator:
   """evaluator(params, step) -> {metric: value}; writes eval/* to `writer` when given."""
 
@@ -95,7 +117,7 @@ class Evaluator:
   def _reference_stats(self):
     judge, source = self.judge, self.run.eval_data
     batches = min(source.num_eval_batches(), -(-judge.reference_num // source.global_batch))
-    feats = []
+    feats, hits, labels = [], [], []
     with contextlib.closing(source.iterate(0, batches)) as it:
       for batch in it:
         if 'image' not in batch:
@@ -103,15 +125,24 @@ class Evaluator:
               'the eval data holds no images (pre-encoded latents?) to compute reference '
               'statistics from; pass a statistics file: FID_REF=PATH (tools/fid_stats.py makes '
               'one from the image dataset)')
-        x, mask = state_lib.to_global(self.batch_sharding, (batch['image'], batch['mask']),
-                                      source.global_batch)
-        out = self._features(self.judge_params, x)['features']
-        out, mask = (np.asarray(multihost_utils.process_allgather(a, tiled=True))
-                     for a in (out, mask))
-        feats.append(out[mask > 0])
+        labelled = {k: batch[k] for k in ('mask', 'label') if k in batch}
+        x, labelled = state_lib.to_global(self.batch_sharding, (batch['image'], labelled),
+                                          source.global_batch)
+        out, labelled = (jax.tree.map(lambda a: np.asarray(
+            multihost_utils.process_allgather(a, tiled=True)), o)
+            for o in (self._features(self.judge_params, x), labelled))
+        real = labelled['mask'] > 0
+        feats.append(out['features'][real])
+        if 'logits' in out and 'label' in labelled:
+          labels.append(labelled['label'][real])
+          hits.append(out['logits'].argmax(-1)[real] == labels[-1])
     feats = np.concatenate(feats)[:judge.reference_num]
     logging.info('eval/%s reference: statistics of %d eval-split images', judge.name,
                  len(feats))
+    if labels:
+      judge.real_accuracy = per_class_mean(np.concatenate(hits)[:judge.reference_num],
+                                           np.concatenate(labels)[:judge.reference_num],
+                                           self.run.task.num_classes)
     return fid.statistics(feats)
 
   def sample_metrics(self, params) -> dict:
@@ -138,8 +169,11 @@ class Evaluator:
     mu, sigma = fid.statistics(np.concatenate(feats))
     metrics = {judge.name: fid.frechet_distance(mu, sigma, *judge.reference_stats)}
     if logits:
-      predicted = np.concatenate(logits).argmax(-1)
-      metrics['class_consistency'] = float((predicted == labels).mean())
+      hits = np.concatenate(logits).argmax(-1) == labels
+      metrics['class_consistency'] = float(hits.mean())
+      if judge.real_accuracy is not None:
+        metrics.update(consistency_ratios(per_class_mean(hits, labels, run.task.num_classes),
+                                          judge.real_accuracy, metrics['class_consistency']))
     return metrics
 
   # ------------------------------------------------------------------ text ------------------

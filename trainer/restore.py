@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from layers import sharding
+from tasks.common import pixels_to_float
 from trainer import state as state_lib
 from trainer import workdir as workdir_lib
 from trainer.checkpoint import Checkpointer
@@ -97,6 +98,8 @@ class TrainedClassifier:
       raise ValueError(f'the judging classifier {self.exp} takes {self.image_size}x'
                        f'{self.image_size}x{self.channels} images, the samples are '
                        f'{"x".join(map(str, pixels.shape[1:]))}')
-    logits, features = self.model.apply({'params': params}, pixels / 127.5 - 1,
-                                        return_features=True)
+    # through the uint8 lookup the classifier was trained on, so a real image it is shown
+    # (quantised pixels) reaches it bit for bit as in training
+    x = pixels_to_float(jnp.clip(jnp.round(pixels), 0, 255).astype(jnp.uint8))
+    logits, features = self.model.apply({'params': params}, x, return_features=True)
     return {'features': features, 'logits': logits}
