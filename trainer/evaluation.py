@@ -172,8 +172,12 @@ class Evaluator:
       hits = np.concatenate(logits).argmax(-1) == labels
       metrics['class_consistency'] = float(hits.mean())
       if judge.real_accuracy is not None:
-        metrics.update(consistency_ratios(per_class_mean(hits, labels, run.task.num_classes),
-                                          judge.real_accuracy, metrics['class_consistency']))
+        per_class = per_class_mean(hits, labels, run.task.num_classes)
+        metrics.update(consistency_ratios(per_class, judge.real_accuracy,
+                                          metrics['class_consistency']))
+        logging.info('eval/class_consistency per class (samples / real images): %s', ', '.join(
+            f'{k} {c:.2f}/{r:.2f}' for k, (c, r) in enumerate(zip(per_class, judge.real_accuracy))
+            if not np.isnan(c)))
     return metrics
 
   # ------------------------------------------------------------------ text ------------------
