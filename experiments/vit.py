@@ -44,7 +44,7 @@ class ViT(Experiment, abstract=True):
 class ViT_T_FashionMNIST(data.FashionMNISTData, ViT):
   """ViT-T/7 on Fashion-MNIST: `python launch.py --exp=ViT_T_FashionMNIST
   --workdir=workdirs/vit_t_fmnist`. About 10 minutes on 2 CPU cores (1500 steps of 128 images,
-  about 3 epochs, 0.33 s each); 86.6% over all 10k test images, and what was tried to go further
+  about 3 epochs, 0.33 s each; the whole run not re-timed since 2026-11-29's 845 s); 86.6% over all 10k test images, and what was tried to go further
   (patch 4, mean pooling, more steps: none beat 86.7%), are in docs/RESULTS.md."""
   HIDDEN, DEPTH, HEADS = vit.SIZES['T']
   PATCH = 7
