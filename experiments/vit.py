@@ -18,7 +18,8 @@ class ViT(Experiment, abstract=True):
   LABEL_SMOOTHING = 0.0
   MIXUP = 0.0                   # mixup weight ~ Beta(MIXUP, MIXUP) per batch; 0 disables
   POOL = 'cls'                  # the head reads: 'cls' (a class token) | 'gap' (mean of patches)
-  CHOICES = {**Experiment.CHOICES, 'POOL': vit.POOLS}
+  STEM = 'patch'                # the patch embedding: 'patch' (one p x p matmul) | 'conv' (3x3s)
+  CHOICES = {**Experiment.CHOICES, 'POOL': vit.POOLS, 'STEM': vit.STEMS}
 
   def validate(self):
     super().validate()
@@ -29,6 +30,7 @@ class ViT(Experiment, abstract=True):
     return fdl.Config(vit.ViT, image_size=self.IMAGE_SIZE, channels=self.CHANNELS,
                       patch=self.PATCH, hidden=self.HIDDEN, depth=self.DEPTH, heads=self.HEADS,
                       num_classes=self.NUM_CLASSES, mlp_ratio=self.MLP_RATIO, pool=self.POOL,
+                      stem=self.STEM,
                       **self.backbone_fields())
 
   def task(self):
@@ -42,27 +44,36 @@ class ViT(Experiment, abstract=True):
 
 
 class ViT_T_FashionMNIST(data.FashionMNISTData, ViT):
-  """ViT-T/7 on Fashion-MNIST: `python launch.py --exp=ViT_T_FashionMNIST
-  --workdir=workdirs/vit_t_fmnist`. About 10 minutes on 2 CPU cores (1500 steps of 128 images,
-  about 3 epochs, 0.33 s each; the whole run not re-timed since 2026-11-29's 845 s); 86.6% over all 10k test images, and what was tried to go further
-  (patch 4, mean pooling, more steps: none beat 86.7%), are in docs/RESULTS.md."""
-  HIDDEN, DEPTH, HEADS = vit.SIZES['T']
+  """A small ViT/7 on Fashion-MNIST (hidden 64, depth 4, 4 heads, 0.2M params): `python launch.py
+  --exp=ViT_T_FashionMNIST --workdir=workdirs/vit_t_fmnist`. 7000 steps of 128 images (15
+  epochs, 0.10 s each) take about 13 minutes on 2 CPU cores; 89.7% over all 10k test images. In
+  the same minutes the wider ViT-T/7 (hidden 128, depth 6) saw 3 epochs and reached 86.6%: on a
+  CPU, epochs matter more than width here. The ablations (width, depth, steps, a convolutional
+  stem, mean pooling) are in docs/RESULTS.md."""
+  HIDDEN, DEPTH, HEADS = 64, 4, 4
   PATCH = 7
   GLOBAL_BATCH = 128
-  LR = 1e-3
+  LR = 2e-3
   WARMUP = 100
   WEIGHT_DECAY = 0.05
-  NUM_STEPS = 1500
+  NUM_STEPS = 7000
   LOG_EVERY = 50
-  EVAL_EVERY = 500
-  CKPT_EVERY = 500
+  EVAL_EVERY = 1750
+  CKPT_EVERY = 1750
 
 
 class ViT_T_FashionMNIST_Judge(ViT_T_FashionMNIST):
   """The classifier that judges DiT_T_FashionMNIST's samples (eval/fd_fmnist on its features,
-  eval/class_consistency from its predictions): ViT_T_FashionMNIST cut to 400 steps, about
-  3 minutes on 2 CPU cores: `python launch.py --exp=ViT_T_FashionMNIST_Judge
-  --workdir=workdirs/fmnist_judge`. Its test accuracy is in docs/RESULTS.md."""
+  eval/class_consistency from its predictions): ViT-T/7 (hidden 128, depth 6) for 400 steps,
+  about 3 minutes on 2 CPU cores: `python launch.py --exp=ViT_T_FashionMNIST_Judge
+  --workdir=workdirs/fmnist_judge`. Its test accuracy is in docs/RESULTS.md. It keeps the ViT-T/7
+  recipe that every DiT judgement in docs/RESULTS.md was made with, whatever the default
+  classifier's recipe becomes: a new judge makes the DiT's numbers incomparable."""
+  HIDDEN, DEPTH, HEADS = vit.SIZES['T']
+  PATCH = 7
+  STEM = 'patch'
+  POOL = 'cls'
+  LR = 1e-3
   NUM_STEPS = 400
   WARMUP = 40
   EVAL_EVERY = 400

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from layers.embeddings import PatchEmbed, sincos_2d
+from layers.embeddings import ConvStem, PatchEmbed, sincos_2d
 from layers.heads import ClassifierHead
 from layers.sharding import shard
 from layers.transformers import SIZES, Backbone, block_flops  # noqa: F401  (SIZES: for users)
@@ -36,6 +36,7 @@ class ViT(nn.Module):
   residual_dtype: jnp.dtype = jnp.float32   # the blocks' residual stream (layers/transformers)
   fused_qkv: bool = False
   pool: str = 'cls'                          # 'cls' (class token) | 'gap' (mean of patch tokens)
+  stem: str = 'patch'                        # 'patch' (one p x p matmul) | 'conv' (ConvStem)
 
   @nn.compact
   def __call__(self, x: jax.Array, return_features: bool = False):
@@ -44,7 +45,14 @@ class ViT(nn.Module):
     b, hh, ww, _ = x.shape
     if hh % self.patch or ww % self.patch:
       raise ValueError(f'image size {hh}x{ww} is not divisible by patch {self.patch}')
-    h = PatchEmbed(self.patch, self.hidden, dtype=self.dtype, name='patch_embed')(x)
+    if self.stem not in STEMS:
+      raise ValueError(f'stem {self.stem!r}: use one of {STEMS}')
+    embed = PatchEmbed if self.stem == 'patch' else ConvStem
+    h = embed(self.patch, self.hidden, dtype=self.dtype, name=f'{self.stem}_embed')(x)
+    if h.shape[1] != (hh // self.patch) * (ww // self.patch):
+      raise ValueError(f'the conv stem turns {hh}x{ww} pixels into {h.shape[1]} tokens, not the '
+                       f'{(hh // self.patch) * (ww // self.patch)} of patch {self.patch}: use a '
+                       f'power-of-two patch')
     h = h + jnp.asarray(sincos_2d(self.hidden, hh // self.patch), self.dtype)[None]
     if self.pool not in POOLS:
       raise ValueError(f'pool {self.pool!r}: use one of {POOLS}')
@@ -65,6 +73,7 @@ class ViT(nn.Module):
 
 
 POOLS = ('cls', 'gap')
+STEMS = ('patch', 'conv')
 
 
 def flops_per_example(image_size: int, channels: int, patch: int, hidden: int, depth: int,

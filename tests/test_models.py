@@ -10,6 +10,7 @@ from flax import linen as nn
 
 from layers import sharding
 from models import dit, gpt, vit
+from tests.numerics import assert_close_f32
 from tasks.classification import Classification
 from tasks.diffusion import FlowMatching
 from tasks.language import LanguageModeling
@@ -105,6 +106,52 @@ def test_vit_gap_pools_the_patch_tokens_without_a_class_token():
   with pytest.raises(ValueError, match="'cls', 'gap'"):
     vit.ViT(image_size=8, channels=1, patch=4, hidden=32, depth=2, heads=4, num_classes=7,
             pool='max').init(jax.random.key(1), x)
+
+
+def _np_conv_same_stride2(x, w, b):
+  """SAME-padded stride-2 3x3 convolution in NumPy, TensorFlow's padding rule (the extra pixel
+  of an odd total padding goes after)."""
+  n, hh, ww, _ = x.shape
+  out_h, out_w = -(-hh // 2), -(-ww // 2)
+  pad_h, pad_w = max((out_h - 1) * 2 + 3 - hh, 0), max((out_w - 1) * 2 + 3 - ww, 0)
+  xp = np.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2),
+                  (0, 0)))
+  y = np.zeros((n, out_h, out_w, w.shape[-1]))
+  for i in range(out_h):
+    for j in range(out_w):
+      y[:, i, j] = np.einsum('nhwc,hwcd->nd', xp[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3], w)
+  return y + b
+
+
+def test_vit_conv_stem_matches_numpy_and_keeps_the_patch_grid():
+  """stem='conv': ceil(log2 p) SAME stride-2 3x3 convolutions with tanh-GELU, then a 1x1
+  projection, give the tokens of the p x p patch grid (checked against NumPy), and a patch whose
+  grid the stride-2 stack cannot reach is refused with both numbers."""
+  from layers.embeddings import ConvStem, stem_strides
+  assert [stem_strides(p) for p in (2, 4, 7, 8, 16)] == [1, 2, 3, 3, 4]
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  stem = ConvStem(patch=4, features=32)
+  params = nn.unbox(stem.init(jax.random.key(1), x)['params'])
+  assert [params[f'conv{i}']['kernel'].shape for i in range(2)] == [(3, 3, 3, 8), (3, 3, 8, 16)]
+  gelu = lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v ** 3)))
+  h = np.asarray(x, np.float64)
+  for i in range(2):
+    h = gelu(_np_conv_same_stride2(h, np.asarray(params[f'conv{i}']['kernel'], np.float64),
+                                   np.asarray(params[f'conv{i}']['bias'], np.float64)))
+  want = h.reshape(2, 4, 16) @ np.asarray(params['proj']['kernel']) + np.asarray(
+      params['proj']['bias'])
+  assert_close_f32(stem.apply({'params': params}, x), want, err_msg='conv stem')
+
+  model = vit.ViT(image_size=28, channels=1, patch=7, hidden=32, depth=1, heads=4,
+                  num_classes=10, stem='conv')
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 28, 28, 1)))['params']
+  assert 'conv_embed' in shapes and 'patch_embed' not in shapes
+  assert shapes['conv_embed']['conv2']['kernel'].names == ('kernel_h', 'kernel_w', 'conv_in',
+                                                             'conv_out')
+  with pytest.raises(ValueError, match='56x56 pixels into 49 tokens, not the 64 of patch 7'):
+    model.clone(image_size=56).init(jax.random.key(0), jnp.zeros((1, 56, 56, 1)))
+  with pytest.raises(ValueError, match="'patch', 'conv'"):
+    model.clone(stem='hybrid').init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
 
 
 def test_gpt2_small_parameter_count():
