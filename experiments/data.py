@@ -34,6 +34,7 @@ class FashionMNISTData(Experiment, abstract=True):
   CLASS_NAMES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt',
                  'Sneaker', 'Bag', 'Ankle boot')          # the rows of sample grids
   FASHION_MNIST_DIR = None
+  SHIFT = 0                 # training images move by up to SHIFT pixels each way (0: never)
   TRAIN_SPLIT = 'train'
   EVAL_SPLIT = 'test'
 
@@ -42,11 +43,14 @@ class FashionMNISTData(Experiment, abstract=True):
     if self.CHANNELS != 1 or self.NUM_CLASSES != 10:
       raise ConfigError(f'Fashion-MNIST has CHANNELS=1 and NUM_CLASSES=10, not '
                         f'{self.CHANNELS} and {self.NUM_CLASSES}')
+    if not isinstance(self.SHIFT, int) or isinstance(self.SHIFT, bool) or not 0 <= self.SHIFT < 28:
+      raise ConfigError(f'SHIFT={self.SHIFT!r}: the largest random translation in pixels, an int '
+                        f'from 0 to 27 (28-pixel images)')
 
   def _source(self, split, train):
     return fdl.Config(FashionMNIST, global_batch=self.GLOBAL_BATCH, split=split,
                       image_size=self.IMAGE_SIZE, train=train, seed=self.SEED,
-                      data_dir=self.FASHION_MNIST_DIR)
+                      data_dir=self.FASHION_MNIST_DIR, shift=self.SHIFT)
 
   def train_data(self):
     return self._source(self.TRAIN_SPLIT, True)

@@ -64,28 +64,45 @@ def load(split: str = 'train', data_dir: str = DEFAULT_DIR) -> tuple[np.ndarray,
   return images, labels
 
 
+def translate(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+  """Each image [H, W] moved by its (rows, cols) shift (positive: down, right), black filled."""
+  n, hh, ww = images.shape
+  s = int(np.abs(shifts).max(initial=0))
+  padded = np.pad(images, ((0, 0), (s, s), (s, s)))
+  rows = s - shifts[:, 0, None] + np.arange(hh)                        # [n, H] source rows
+  cols = s - shifts[:, 1, None] + np.arange(ww)
+  return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
 class FashionMNIST(common.Source):
   """{'image': uint8 [b, S, S, 1] in [0, 255], 'label': int32 [b]}; random horizontal flips when
-  `train`. S > 28 pads with black (0) around the centre, S < 28 resizes (bilinear, antialiased).
+  `train`, and with `shift` > 0 a random translation of up to `shift` pixels each way, the
+  uncovered border black (the background); both are drawn per row from (seed, step). S > 28 pads with black (0) around the centre, S < 28 resizes (bilinear, antialiased).
   Images travel as uint8 (a quarter of float32's bytes); the train and eval steps scale them to
   [-1, 1] on the device (tasks.common.prepare_images)."""
 
   def __init__(self, global_batch, split='train', image_size=28, train=True, seed=0,
-               data_dir=None, process_index=None, process_count=None):
+               data_dir=None, process_index=None, process_count=None, shift=0):
     super().__init__(global_batch, seed, train, process_index, process_count)
     if split not in _FILES:
       raise ValueError(f"split must be one of {sorted(_FILES)}, got {split!r}")
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
       raise ValueError(f'image_size must be a positive int, got {image_size!r}')
-    self.split, self.image_size = split, image_size
+    if not isinstance(shift, int) or isinstance(shift, bool) or not 0 <= shift < _SIZE:
+      raise ValueError(f'shift must be an int in [0, {_SIZE}), got {shift!r}')
+    self.split, self.image_size, self.shift = split, image_size, shift
     self._images, self._labels = load(split, str(data_dir or DEFAULT_DIR))
     self.num_examples = len(self._labels)
 
   def _examples(self, indices, step):
     images = self._images[indices]
     if self.train:
-      flip = self._augment_rng(step).random(self.global_batch)[self.rows] < 0.5
+      rng = self._augment_rng(step)
+      flip = rng.random(self.global_batch)[self.rows] < 0.5
       images = np.where(flip[:, None, None], images[:, :, ::-1], images)
+      if self.shift:
+        images = translate(images, rng.integers(-self.shift, self.shift + 1,
+                                                (self.global_batch, 2))[self.rows])
     size = self.image_size
     if size < _SIZE:
       from PIL import Image  # Only this path needs it.

@@ -74,6 +74,8 @@ def test_dotted_override_and_literal_parsing():
     ('DiT_T_Synthetic', ['SAMPLE_EVERY=-1'], 'SAMPLE_EVERY=-1 must be at least 0'),
     ('DiT_T_Synthetic', ['LR=0'], 'LR=0 must be positive'),
     ('DiT_T_Synthetic', ['EMA_DECAY=1.0'], 'EMA_DECAY=1.0 must be in [0, 1)'),
+    ('ViT_T_FashionMNIST', ['SHIFT=30'], 'SHIFT=30: the largest random translation in pixels'),
+    ('ViT_T_FashionMNIST', ['STEM=hybrid'], "STEM='hybrid': use one of 'patch', 'conv'"),
     ('DiT_T_Synthetic', ['LR_SCHEDULE=linear'], "LR_SCHEDULE='linear': use one of 'constant', "
      "'cosine'"),
 ])

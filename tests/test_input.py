@@ -140,6 +140,39 @@ def test_fashion_mnist_flips_only_in_training():
   np.testing.assert_array_equal(ordered, images[:64])
 
 
+def test_fashion_mnist_shift_translates_each_training_row():
+  """SHIFT: every training image is its flipped-or-not source moved by at most `shift` pixels,
+  black filled (checked against a per-pixel loop), the moves differ from row to row and repeat
+  for the same step, and shift=0 leaves the batches bit for bit as before."""
+  kw = dict(global_batch=32, seed=3, **ONE)
+  plain = fashion_mnist.FashionMNIST(train=True, **kw).batch(5)['image'][..., 0]
+  moved_src = fashion_mnist.FashionMNIST(train=True, shift=2, **kw)
+  moved = moved_src.batch(5)['image'][..., 0]
+  np.testing.assert_array_equal(moved, moved_src.batch(5)['image'][..., 0])
+  np.testing.assert_array_equal(plain, fashion_mnist.FashionMNIST(train=True, shift=0, **kw)
+                                .batch(5)['image'][..., 0])
+  found = []
+  for got, src in zip(moved, plain):            # plain holds the same rows, flipped the same way
+    for dy in range(-2, 3):
+      for dx in range(-2, 3):
+        want = np.zeros_like(src)
+        for i in range(28):
+          for j in range(28):
+            if 0 <= i - dy < 28 and 0 <= j - dx < 28:
+              want[i, j] = src[i - dy, j - dx]
+        if np.array_equal(got, want):
+          found.append((dy, dx))
+          break
+      else:
+        continue
+      break
+    else:
+      raise AssertionError('a row is not a translation of its source by at most 2 pixels')
+  assert len(set(found)) > 5                   # 25 possible moves over 32 rows
+  with pytest.raises(ValueError, match='shift must be an int in'):
+    fashion_mnist.FashionMNIST(train=True, shift=-1, **kw)
+
+
 def test_fashion_mnist_eval_covers_test_split_once():
   source = fashion_mnist.FashionMNIST(global_batch=384, split='test', train=False, **ONE)
   assert source.num_eval_batches() == 27  # 10000 / 384 = 26.04
