@@ -77,7 +77,8 @@ def translate(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
 class FashionMNIST(common.Source):
   """{'image': uint8 [b, S, S, 1] in [0, 255], 'label': int32 [b]}; random horizontal flips when
   `train`, and with `shift` > 0 a random translation of up to `shift` pixels each way, the
-  uncovered border black (the background); both are drawn per row from (seed, step). S > 28 pads with black (0) around the centre, S < 28 resizes (bilinear, antialiased).
+  uncovered border black (the background); both are drawn per row from (seed, step). S > 28
+  pads with black (0) around the centre, S < 28 resizes (bilinear, antialiased).
   Images travel as uint8 (a quarter of float32's bytes); the train and eval steps scale them to
   [-1, 1] on the device (tasks.common.prepare_images)."""
 

@@ -125,7 +125,8 @@ class ConvStem(nn.Module):
   Xiao et al. 2021 ("Early convolutions help transformers see better") replace ViT's single
   p x p patchify with such a stack at about the same cost and report faster, more stable
   optimisation. Channels double per convolution and the last one has `features / 2`; the grid
-  is ceil(H / 2^n) per side (SAME padding), which equals H / p for the patches it stands for.
+  is ceil(H / 2^n) per side (SAME padding): H / p for a power-of-two p (and for p = 7 at 28 px);
+  models.vit refuses a grid that differs from the patches'.
   """
   patch: int
   features: int
