@@ -45,7 +45,8 @@ def per_class_mean(values, labels, num_classes: int) -> np.ndarray:
 def consistency_ratios(consistency, real_accuracy, overall: float) -> dict:
   """The judge's accuracy on samples against its accuracy on real images, overall (the real
   accuracy averaged over the sampled classes, which spread_labels draws equally often) and for
-  the worst class among those sampled that it ever recognises in real images (a ratio over 0 is undefined: NaN, worst_class -1)."""
+  the worst class among those sampled that it ever recognises in real images (a ratio over 0
+  is undefined: NaN, worst_class -1)."""
   real_overall = float(np.nanmean(np.where(np.isnan(consistency), np.nan, real_accuracy)))
   defined = ~np.isnan(consistency) & (real_accuracy > 0)
   ratios = np.where(defined, consistency / np.where(defined, real_accuracy, 1), np.inf)
