@@ -219,6 +219,8 @@ def main(argv):
   if FLAGS.print_config:
     print(config_text(cfg))
     return
+  from trainer import host_devices
+  logging.info(host_devices.configure(exp.CPU_DEVICES))
   init_distributed()
   if FLAGS.dry_run:
     print(dry_run(cfg))

@@ -103,13 +103,16 @@ class Experiment:
   CKPT_EVERY = 1000
   KEEP_CKPTS = 3
   MESH = {'data': 1, 'fsdp': -1, 'tensor': 1}
+  # JAX devices a CPU-only host is split into (trainer/host_devices.py says why); 1 is JAX's own
+  # default. The environment's XLA_FLAGS device count or JAX_NUM_CPU_DEVICES wins over it.
+  CPU_DEVICES = 1
   MAX_BAD_STEPS = 10              # consecutive steps with non-finite loss/grads, then stop
 
   # Knob ranges checked by validate(), for whichever of them an experiment has.
   AT_LEAST_ONE = ('NUM_STEPS', 'GLOBAL_BATCH', 'LOG_EVERY', 'EVAL_EVERY', 'CKPT_EVERY',
                   'KEEP_CKPTS', 'HIDDEN', 'DEPTH', 'HEADS', 'PATCH', 'MAX_BAD_STEPS',
                   'IMAGE_SIZE', 'SEQ_LEN', 'VOCAB_SIZE', 'VOCAB_MULTIPLE', 'NUM_CLASSES',
-                  'DENOISE_STEPS')
+                  'DENOISE_STEPS', 'CPU_DEVICES')
   AT_LEAST_ZERO = ('SAMPLE_EVERY', 'LOSS_CHUNK', 'EVAL_BATCHES', 'WARMUP', 'WEIGHT_DECAY',
                    'INIT_STD', 'GRAD_CLIP', 'SEED', 'FID_NUM', 'FID_EVERY', 'FID_BATCH',
                    'DATA_WORKERS')
@@ -169,6 +172,9 @@ class Experiment:
       raise ConfigError(f'LR={self.LR} must be positive')
     if not 0 <= self.EMA_DECAY < 1:
       raise ConfigError(f'EMA_DECAY={self.EMA_DECAY} must be in [0, 1) (0: no EMA)')
+    if self.GLOBAL_BATCH % self.CPU_DEVICES:
+      raise ConfigError(f'GLOBAL_BATCH={self.GLOBAL_BATCH} does not split over '
+                        f'CPU_DEVICES={self.CPU_DEVICES} devices: make one divide the other')
     if self.HIDDEN % self.HEADS:
       raise ConfigError(f'HIDDEN={self.HIDDEN} is not divisible by HEADS={self.HEADS}')
 

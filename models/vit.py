@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from layers.embeddings import ConvStem, PatchEmbed, sincos_2d
+from layers.embeddings import ConvStem, PatchEmbed, sincos_2d, stem_strides
 from layers.heads import ClassifierHead
 from layers.sharding import shard
 from layers.transformers import SIZES, Backbone, block_flops  # noqa: F401  (SIZES: for users)
@@ -77,9 +77,18 @@ STEMS = ('patch', 'conv')
 
 
 def flops_per_example(image_size: int, channels: int, patch: int, hidden: int, depth: int,
-                      num_classes: int, mlp_ratio: float = 4.0, pool: str = 'cls', **_) -> int:
-  """Forward matmul FLOPs for one image (2 per multiply-add)."""
+                      num_classes: int, mlp_ratio: float = 4.0, pool: str = 'cls',
+                      stem: str = 'patch', **_) -> int:
+  """Forward matmul and convolution FLOPs for one image (2 per multiply-add)."""
   l, d = (image_size // patch) ** 2, hidden
-  flops = 2 * l * patch * patch * channels * d
+  if stem == 'conv':   # layers.embeddings.ConvStem: n SAME 3x3 stride-2 convolutions, then 1x1
+    n, size, c_in, flops = stem_strides(patch), image_size, channels, 0
+    for i in range(n):
+      size, c_out = -(-size // 2), max(8, d >> (n - i))
+      flops += 2 * size * size * 9 * c_in * c_out
+      c_in = c_out
+    flops += 2 * l * c_in * d
+  else:
+    flops = 2 * l * patch * patch * channels * d
   flops += depth * block_flops(l + (pool == 'cls'), d, int(d * mlp_ratio))
   return flops + 2 * d * num_classes

@@ -75,6 +75,9 @@ def test_dotted_override_and_literal_parsing():
     ('DiT_T_Synthetic', ['LR=0'], 'LR=0 must be positive'),
     ('DiT_T_Synthetic', ['EMA_DECAY=1.0'], 'EMA_DECAY=1.0 must be in [0, 1)'),
     ('ViT_T_FashionMNIST', ['SHIFT=30'], 'SHIFT=30: the largest random translation in pixels'),
+    ('ViT_T_FashionMNIST', ['CPU_DEVICES=3'],
+     'GLOBAL_BATCH=128 does not split over CPU_DEVICES=3 devices'),
+    ('ViT_T_FashionMNIST', ['CPU_DEVICES=0'], 'CPU_DEVICES=0 must be at least 1'),
     ('ViT_T_FashionMNIST', ['STEM=hybrid'], "STEM='hybrid': use one of 'patch', 'conv'"),
     ('DiT_T_Synthetic', ['LR_SCHEDULE=linear'], "LR_SCHEDULE='linear': use one of 'constant', "
      "'cosine'"),

@@ -121,6 +121,35 @@ def test_dry_run_prints_params_and_shardings():
              for l in lines)
 
 
+def test_cpu_devices_knob_splits_the_host_unless_the_environment_says(monkeypatch):
+  # ViT_T_FashionMNIST asks for 2 CPU devices; with no device count in the environment the
+  # launch makes them, and an explicit XLA_FLAGS count (tests, multi-host) wins over the knob
+  bare = {k: v for k, v in subprocess_env(1).items()
+          if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES')}
+  run = lambda env, *a: ok(subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'launch.py'), '--exp=ViT_T_FashionMNIST', '--dry_run',
+       *a], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600))
+  out = run(bare)
+  assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 1} over 2 devices" in out.stdout
+  assert 'CPU split into 2 device(s) (CPU_DEVICES)' in out.stderr
+  out = run(bare, '--set', 'CPU_DEVICES=4')
+  assert 'over 4 devices' in out.stdout
+  out = run(dict(bare, XLA_FLAGS='--xla_force_host_platform_device_count=3'))
+  assert 'over 3 devices' in out.stdout
+  assert 'CPU_DEVICES=2 not applied' in out.stderr
+
+  from trainer import host_devices
+  import jax
+  with pytest.raises(ValueError, match='CPU_DEVICES=0 must be at least 1'):
+    host_devices.configure(0)
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  monkeypatch.delenv('JAX_NUM_CPU_DEVICES', raising=False)
+  have = len(jax.devices('cpu'))   # this process's backend is running: too late to change
+  assert 'already so' in host_devices.configure(have)
+  with pytest.raises(RuntimeError, match=f'already started its CPU backend with {have} device'):
+    host_devices.configure(have + 1)
+
+
 def test_list_and_print_config():
   listing = ok(launch('--exp=list')).stdout
   assert 'DiT_XL_ImageNet256' in listing and 'GPT_T_Bible' in listing

@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help='print one Markdown table of earlier results (files of one result or a '
                       'list of them) and exit; nothing is run')
   p.add_argument('--cpu_devices', type=int, default=0,
-                 help='on the CPU backend, split the host into this many devices (tests FSDP)')
+                 help='on the CPU backend, split the host into this many devices, whatever the '
+                      'experiment\'s CPU_DEVICES knob says (default: that knob)')
   p.add_argument('--seed', type=int, default=0, help='seed of the synthetic batch')
   p.add_argument('--random_vae', action='store_true',
                  help='with USE_VAE: a random VAE of the Stable Diffusion architecture instead '
@@ -263,7 +264,10 @@ def prepare(exp_name: str, overrides=(), seed: int = 0, log=print,
   from layers import sharding
   from trainer import state as state_lib
 
+  from trainer import host_devices
+
   exp, cfg = base.build_config(exp_name, list(overrides))
+  log(host_devices.configure(exp.CPU_DEVICES))   # the split launch.py would make, unless set
   model, task = fdl.build(cfg.model), fdl.build(cfg.task)
   opt, s = fdl.build(cfg.optimizer), fdl.build(cfg.loop)
   tx, lr_fn = opt.tx, opt.lr
@@ -551,7 +555,8 @@ def main(argv=None) -> int:
     return 0
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   import jax
-  if args.cpu_devices:
+  if args.cpu_devices:   # as the environment would: it overrides the experiment's CPU_DEVICES
+    os.environ['JAX_NUM_CPU_DEVICES'] = str(args.cpu_devices)
     jax.config.update('jax_num_cpu_devices', args.cpu_devices)  # before any backend starts
   log = lambda msg: print(f'[benchmark] {msg}', file=sys.stderr, flush=True)
   try:
