@@ -3,9 +3,9 @@
 XLA's CPU backend runs a matmul on all of the host's cores, but most of its elementwise fusions
 (a LayerNorm, a GELU, the zero-filled buffers a scanned backward pass stacks) on one thread.
 A step made of small matrices therefore leaves cores idle. Splitting the host into N devices
-and sharding the batch over them runs N copies of every such fusion at once: the small ViT on
-2 cores trains 1.4x faster on 2 devices (docs/PERFORMANCE.md), while a matmul-bound step gains
-nothing. Experiments ask for it with the `CPU_DEVICES` knob; GPUs and TPUs ignore it.
+and sharding the batch over them runs N copies of every such fusion at once: the small ViT's
+step on 2 cores is 1.5-1.6x faster on 2 devices (docs/PERFORMANCE.md), while a matmul-bound
+step gains nothing. Experiments ask for it with the `CPU_DEVICES` knob; GPUs and TPUs ignore it.
 """
 from __future__ import annotations
 
