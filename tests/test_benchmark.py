@@ -156,7 +156,7 @@ def test_measure_matmul_tflops(dtype):
 
 @pytest.mark.parametrize('name, extra', [
     ('DiT_T_Synthetic', []), ('ViT_T_Synthetic', []), ('GPT_T_Synthetic', []),
-    # one block, so that the convolutional stem is ~17% of the count (the p x p patch's is 0.4%)
+    # one block, so that the convolutional stem is ~17% of the count (the p x p patch's about 1%)
     ('ViT_T_FashionMNIST', ['STEM=conv', 'DEPTH=1'])])
 def test_analytic_forward_flops_match_xla(name, extra):
   """models/*.flops_per_example against XLA's cost analysis of the compiled forward pass.

@@ -1,7 +1,7 @@
 """How many JAX devices a CPU host is split into, decided once before any backend starts.
 
-XLA's CPU backend runs a matmul on all of the host's cores, but most of its elementwise fusions
-(a LayerNorm, a GELU, the zero-filled buffers a scanned backward pass stacks) on one thread.
+XLA's CPU backend runs a matmul on all of the host's cores, but its small elementwise fusions
+(a LayerNorm, a GELU, a softmax; only the largest are split) on one thread.
 A step made of small matrices therefore leaves cores idle. Splitting the host into N devices
 and sharding the batch over them runs N copies of every such fusion at once: the small ViT's
 step on 2 cores is 1.5-1.6x faster on 2 devices (docs/PERFORMANCE.md), while a matmul-bound
