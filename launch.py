@@ -272,17 +272,21 @@ def run_main(argv):
   from trainer.loop import Stopped
   from trainer.state import TrainError
   from trainer.workdir import WorkdirError
+
+  def last_line(text, status):
+    # one write, flushed: Orbax's threads may still be logging, and must not split the line
+    sys.stderr.write(f'launch.py: {text}\n')
+    sys.stderr.flush()
+    sys.exit(status)
+
   try:
     main(argv)
   except Stopped as e:
-    print(f'launch.py: {e}', file=sys.stderr)
-    sys.exit(130 if e.signum == signal.SIGINT else 0)
+    last_line(e, 130 if e.signum == signal.SIGINT else 0)
   except UsageError as e:
-    print(f'launch.py: error: {e}', file=sys.stderr)
-    sys.exit(2)
+    last_line(f'error: {e}', 2)
   except (ConfigError, TrainError, FileNotFoundError, ImportError, SaveError, WorkdirError) as e:
-    print(f'launch.py: error: {type(e).__name__}: {e}', file=sys.stderr)
-    sys.exit(1)
+    last_line(f'error: {type(e).__name__}: {e}', 1)
 
 
 if __name__ == '__main__':

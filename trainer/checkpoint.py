@@ -29,6 +29,7 @@ import json
 import logging as py_logging
 import os
 import re
+import sys
 import time
 
 import jax
@@ -53,6 +54,35 @@ def _drop_orbax_info(record: py_logging.LogRecord) -> bool:
   return record.levelno >= py_logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
 
 
+# When one tensorstore write of a save fails, Orbax's gather gives up and closes its event loop
+# while the save's other writes are still in flight. Each of those then reports itself twice
+# more: asyncio logs "Task exception was never retrieved" with its own copy of the I/O error, and
+# tensorstore, finding the loop closed, prints an unraisable "Event loop is closed" traceback.
+# A 1 MB checkpoint made hundreds of lines that buried SaveError's one line (and, printed from
+# another thread, could split it). SaveError says it all once, so both echoes are dropped; any
+# other unraisable or asyncio error still reaches the user.
+def _drop_failed_write_echo(record: py_logging.LogRecord) -> bool:
+  exc = record.exc_info[1] if record.exc_info else None
+  return not (isinstance(exc, (OSError, ValueError)) and _IO_ERROR.search(str(exc)))
+
+
+def _quiet_closed_loop(hook):
+  def quiet(unraisable):
+    exc = unraisable.exc_value
+    if not (isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'):
+      hook(unraisable)
+  quiet.drops_closed_loop = True
+  return quiet
+
+
+def _quiet_failed_writes():
+  asyncio_logger = py_logging.getLogger('asyncio')
+  if _drop_failed_write_echo not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_drop_failed_write_echo)
+  if not getattr(sys.unraisablehook, 'drops_closed_loop', False):
+    sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager`; the training loop decides when to save."""
 
@@ -66,6 +96,7 @@ class Checkpointer:
     absl_logger = py_logging.getLogger('absl')
     if _drop_orbax_info not in absl_logger.filters:
       absl_logger.addFilter(_drop_orbax_info)
+    _quiet_failed_writes()
     self._last_saved = None
     self._manager = ocp.CheckpointManager(
         self.directory,
