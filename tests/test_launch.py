@@ -3,6 +3,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -139,15 +140,29 @@ def test_cpu_devices_knob_splits_the_host_unless_the_environment_says(monkeypatc
   assert 'CPU_DEVICES=2 not applied' in out.stderr
 
   from trainer import host_devices
-  import jax
   with pytest.raises(ValueError, match='CPU_DEVICES=0 must be at least 1'):
     host_devices.configure(0)
   monkeypatch.delenv('XLA_FLAGS', raising=False)
   monkeypatch.delenv('JAX_NUM_CPU_DEVICES', raising=False)
-  have = len(jax.devices('cpu'))   # this process's backend is running: too late to change
-  assert 'already so' in host_devices.configure(have)
-  with pytest.raises(RuntimeError, match=f'already started its CPU backend with {have} device'):
-    host_devices.configure(have + 1)
+  # this process set jax.config's count (conftest.py): a choice made before the knob, so it wins
+  assert 'jax_num_cpu_devices=8); CPU_DEVICES=3 not applied' in host_devices.configure(3)
+  # where nothing chose: the knob applies, and once the backend runs it cannot change
+  script = textwrap.dedent("""
+      import jax
+      from trainer import host_devices
+      print(host_devices.configure(2), len(jax.devices()))
+      print(host_devices.configure(2))
+      try:
+        host_devices.configure(3)
+      except RuntimeError as e:
+        print(e)
+  """)
+  lines = ok(subprocess.run([sys.executable, '-c', script], env=bare, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)).stdout.splitlines()
+  assert lines == ['CPU split into 2 device(s) (CPU_DEVICES) 2',
+                   'CPU split into 2 device(s) (already so)',
+                   'CPU_DEVICES=3, but JAX already started its CPU backend with 2 device(s); set '
+                   'it before the first JAX computation'], lines
 
 
 def test_list_and_print_config():

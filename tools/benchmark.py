@@ -267,7 +267,11 @@ def prepare(exp_name: str, overrides=(), seed: int = 0, log=print,
   from trainer import host_devices
 
   exp, cfg = base.build_config(exp_name, list(overrides))
-  log(host_devices.configure(exp.CPU_DEVICES))   # the split launch.py would make, unless set
+  try:
+    log(host_devices.configure(exp.CPU_DEVICES))   # the split launch.py would make, unless set
+  except RuntimeError as e:
+    raise RuntimeError(f'{e}. One benchmark process keeps one device count: compare CPU_DEVICES '
+                       'values in separate runs, each with --cpu_devices N') from e
   model, task = fdl.build(cfg.model), fdl.build(cfg.task)
   opt, s = fdl.build(cfg.optimizer), fdl.build(cfg.loop)
   tx, lr_fn = opt.tx, opt.lr
@@ -556,7 +560,6 @@ def main(argv=None) -> int:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   import jax
   if args.cpu_devices:   # as the environment would: it overrides the experiment's CPU_DEVICES
-    os.environ['JAX_NUM_CPU_DEVICES'] = str(args.cpu_devices)
     jax.config.update('jax_num_cpu_devices', args.cpu_devices)  # before any backend starts
   log = lambda msg: print(f'[benchmark] {msg}', file=sys.stderr, flush=True)
   try:

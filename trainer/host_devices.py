@@ -13,20 +13,28 @@ import os
 import re
 
 _FLAG = re.compile(r'--xla_force_host_platform_device_count=(\d+)')
+_applied = None   # the count configure() itself set: not a choice made elsewhere
 
 
 def chosen_by_environment() -> str | None:
-  """What in the environment already fixes the CPU device count, or None."""
-  if os.environ.get('JAX_NUM_CPU_DEVICES'):
-    return f'JAX_NUM_CPU_DEVICES={os.environ["JAX_NUM_CPU_DEVICES"]}'
+  """What already fixes the CPU device count, or None: an XLA_FLAGS device count, or JAX's
+  `jax_num_cpu_devices` (set from JAX_NUM_CPU_DEVICES when JAX is imported, or by
+  `jax.config.update` since, as a notebook or a tool might)."""
   m = _FLAG.search(os.environ.get('XLA_FLAGS', ''))
-  return f'XLA_FLAGS {m.group(0)}' if m else None
+  if m:
+    return f'XLA_FLAGS {m.group(0)}'
+  import jax
+  n = jax.config.jax_num_cpu_devices
+  if n > 0 and n != _applied:
+    return (f'JAX_NUM_CPU_DEVICES={n}' if os.environ.get('JAX_NUM_CPU_DEVICES') == str(n)
+            else f'jax_num_cpu_devices={n}')
+  return None
 
 
 def configure(count: int) -> str:
   """Split the CPU backend into `count` devices, unless the environment has chosen already
-  (the user's XLA_FLAGS or JAX_NUM_CPU_DEVICES win, so tests and multi-host launches keep
-  theirs). Call before JAX starts a backend. Returns one line saying what decided."""
+  (the user's XLA_FLAGS, JAX_NUM_CPU_DEVICES or jax.config win, so tests and multi-host launches
+  keep theirs). Call before JAX starts a backend. Returns one line saying what decided."""
   if count < 1:
     raise ValueError(f'CPU_DEVICES={count} must be at least 1')
   import jax
@@ -40,5 +48,7 @@ def configure(count: int) -> str:
       raise RuntimeError(f'CPU_DEVICES={count}, but JAX already started its CPU backend with '
                          f'{have} device(s); set it before the first JAX computation')
     return f'CPU split into {count} device(s) (already so)'
+  global _applied
   jax.config.update('jax_num_cpu_devices', count)
+  _applied = count
   return f'CPU split into {count} device(s) (CPU_DEVICES)'
