@@ -36,6 +36,7 @@ class DiT(Experiment, abstract=True):
   GRAD_CLIP = 0.0
   EMA_DECAY = 0.9999
   CFG_SCALE = 1.5
+  CFG_INTERVAL = (0.0, 1.0)    # sampler times t (0: noise, 1: data) in [lo, hi) get guidance
   CLASS_DROPOUT = 0.1
   DENOISE_STEPS = 128          # steps of the sampler (and the grid of T_SAMPLING='grid')
   SAMPLER = 'euler'            # 'euler' (1 velocity call a step) | 'heun' (2 calls, 2nd order)
@@ -68,6 +69,12 @@ class DiT(Experiment, abstract=True):
     if size % self.PATCH:
       what = 'latent size' if self.USE_VAE else 'IMAGE_SIZE'
       raise ConfigError(f'{what}={size} is not divisible by PATCH={self.PATCH}')
+    lo_hi = self.CFG_INTERVAL
+    if (not isinstance(lo_hi, (tuple, list)) or len(lo_hi) != 2
+        or not all(isinstance(v, (int, float)) for v in lo_hi)
+        or not 0 <= lo_hi[0] < lo_hi[1] <= 1):
+      raise ConfigError(f'CFG_INTERVAL={lo_hi!r}: the guided sampler times, a pair (lo, hi) with '
+                        '0 <= lo < hi <= 1, e.g. "(0.2, 0.8)"; (0, 1) guides every step')
     if self.LATENTS_DIR and not self.USE_VAE:
       raise ConfigError('LATENTS_DIR needs USE_VAE=True (the VAE decodes the samples)')
 
@@ -122,7 +129,8 @@ class DiT(Experiment, abstract=True):
                       class_dropout_prob=self.CLASS_DROPOUT, cfg_scale=self.CFG_SCALE,
                       sample_classes=min(self.SAMPLE_CLASSES, self.NUM_CLASSES),
                       samples_per_class=self.SAMPLES_PER_CLASS, t_sampling=self.T_SAMPLING,
-                      class_names=getattr(self, 'CLASS_NAMES', ()), sampler=self.SAMPLER)
+                      class_names=getattr(self, 'CLASS_NAMES', ()), sampler=self.SAMPLER,
+                      cfg_interval=tuple(self.CFG_INTERVAL))
 
   def flops_per_example(self):
     """The DiT's own FLOPs; a frozen VAE's encoding is not counted (MFU is the model's)."""

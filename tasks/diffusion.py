@@ -10,6 +10,11 @@ denoise_timesteps, the Euler sampler's own grid. Labels are
 replaced by the null class with probability class_dropout_prob so the same network also learns
 the unconditional velocity used by classifier-free guidance:
   v = v_null + cfg_scale (v_label - v_null).
+With `cfg_interval=(lo, hi)` guidance is applied only to the sampler's steps whose t lies in
+[lo, hi), and the other steps follow v_label alone (Kynkäänniemi et al. 2024, "Applying
+guidance in a limited interval improves sample and distribution quality in diffusion models":
+guidance near pure noise narrows each class's variety, and near the data it is not needed).
+Those steps then cost one network call instead of two.
 """
 from __future__ import annotations
 
@@ -78,7 +83,12 @@ class FlowMatching:
                denoise_timesteps: int = 128, class_dropout_prob: float = 0.1,
                cfg_scale: float = 1.5, sample_classes: int = 10, samples_per_class: int = 8,
                t_sampling: str = 'uniform', class_names: tuple[str, ...] = (),
-               sampler: str = 'euler'):
+               sampler: str = 'euler', cfg_interval: tuple[float, float] = (0.0, 1.0)):
+    lo, hi = cfg_interval
+    if not 0 <= lo < hi <= 1:
+      raise ValueError(f'cfg_interval {cfg_interval!r}: the guided times [lo, hi) need '
+                       '0 <= lo < hi <= 1')
+    self.cfg_interval = (float(lo), float(hi))
     if t_sampling not in T_SAMPLING:
       raise ValueError(f't_sampling {t_sampling!r}: use one of {T_SAMPLING}')
     if sampler not in SAMPLERS:
@@ -150,13 +160,22 @@ class FlowMatching:
     x0 = jax.random.normal(rng, (labels.shape[0],) + tuple(shape), jnp.float32)
     null = jnp.full_like(labels, self.num_classes)
 
-    def velocity(x, t):
-      if cfg == 1.0:
-        return model.apply({'params': params}, x, t, labels)
+    def plain(x, t):
+      return model.apply({'params': params}, x, t, labels)
+
+    def guided(x, t):
       # one forward over [cond; uncond] halves the number of calls
       v = model.apply({'params': params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                       jnp.concatenate([labels, null]))
       v_cond, v_null = jnp.split(v, 2)
       return v_null + cfg * (v_cond - v_null)
+
+    lo, hi = self.cfg_interval
+    if cfg == 1.0:
+      velocity = plain
+    elif (lo, hi) == (0.0, 1.0):
+      velocity = guided
+    else:   # every row of a step shares its t, so one branch serves the whole batch
+      velocity = lambda x, t: jax.lax.cond((t[0] >= lo) & (t[0] < hi), guided, plain, x, t)
 
     return SAMPLERS[self.sampler](velocity, x0, steps)

@@ -75,6 +75,8 @@ def test_dotted_override_and_literal_parsing():
     ('DiT_T_Synthetic', ['LR=0'], 'LR=0 must be positive'),
     ('DiT_T_Synthetic', ['EMA_DECAY=1.0'], 'EMA_DECAY=1.0 must be in [0, 1)'),
     ('ViT_T_FashionMNIST', ['SHIFT=30'], 'SHIFT=30: the largest random translation in pixels'),
+    ('DiT_T_Synthetic', ['CFG_INTERVAL=(0.8, 0.2)'],
+     'CFG_INTERVAL=(0.8, 0.2): the guided sampler times, a pair (lo, hi) with 0 <= lo < hi <= 1'),
     ('ViT_T_FashionMNIST', ['CPU_DEVICES=3'],
      'GLOBAL_BATCH=128 does not split over CPU_DEVICES=3 devices'),
     ('ViT_T_FashionMNIST', ['CPU_DEVICES=0'], 'CPU_DEVICES=0 must be at least 1'),

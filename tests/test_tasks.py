@@ -159,6 +159,30 @@ def test_sampler_applies_classifier_free_guidance(cfg, sampler):
   np.testing.assert_allclose(out, x0 + guided[:, None, None, None], atol=1e-4)
 
 
+@pytest.mark.parametrize('sampler', ['euler', 'heun'])
+def test_guidance_interval_guides_only_the_steps_inside_it(sampler):
+  # constant velocities: the sample is x0 plus the step-weighted mean of the velocities used,
+  # so the number of guided calls shows in the result (a reference loop in NumPy)
+  n, cfg, (lo, hi) = 16, 4.0, (0.25, 0.7)
+  task = diffusion.FlowMatching(num_classes=10, denoise_timesteps=n, sampler=sampler,
+                                cfg_interval=(lo, hi))
+  labels = np.array([2.0, 5.0])
+  out = task.sample(_ClassVelocity(), None, jnp.array([2, 5]), jax.random.key(0), (2, 2, 1),
+                    cfg_scale=cfg)
+  v = lambda t: -1.0 + cfg * (labels + 1.0) if lo <= t < hi else labels
+  dt, shift = 1 / n, np.zeros(2)
+  for i in range(n):
+    t = np.float32(i * dt)
+    shift += dt * v(t) if sampler == 'euler' else 0.5 * dt * (v(t) + v(np.float32(t + dt)))
+  x0 = jax.random.normal(jax.random.key(0), (2, 2, 2, 1))
+  np.testing.assert_allclose(out, x0 + shift[:, None, None, None], atol=1e-4)
+  # the interval changes the result: guiding every step gives another sample
+  everywhere = x0 + (-1.0 + cfg * (labels + 1.0))[:, None, None, None]
+  assert np.abs(np.asarray(out) - np.asarray(everywhere)).max() > 1
+  with pytest.raises(ValueError, match=r'cfg_interval \(0.5, 0.5\).*0 <= lo < hi <= 1'):
+    diffusion.FlowMatching(num_classes=10, cfg_interval=(0.5, 0.5))
+
+
 def test_cross_entropy_and_label_smoothing_match_numpy():
   logits = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
   labels = np.array([0, 3, 6, 2, 2])
