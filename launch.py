@@ -110,7 +110,7 @@ def build(cfg):
     raise e from None
 
 
-def sample(cfg) -> None:
+def sample(cfg, knobs: dict) -> None:
   """--mode=sample: the run's model, task, VAE and optimizer (for the checkpoint's layout), but
   no data sources, so a run on data absent here still samples."""
   import types
@@ -121,15 +121,17 @@ def sample(cfg) -> None:
   run = types.SimpleNamespace(**parts, codec=build(cfg.codec) if cfg.codec else None)
   if hasattr(run.task, 'continue_prompts'):   # a language model: prompts come from held-out data
     run.eval_data = build(cfg.eval_data)
-    result = sampling.sample_text(run, FLAGS.workdir, FLAGS.num_samples, FLAGS.out)
+    result = sampling.sample_text(run, FLAGS.workdir, FLAGS.num_samples, FLAGS.out,
+                                   knobs=knobs)
     print(f'{len(result["records"])} continuations of step {result["step"]} -> {FLAGS.out}')
     return
-  result = sampling.sample_images(run, FLAGS.workdir, FLAGS.num_samples, FLAGS.out)
+  result = sampling.sample_images(run, FLAGS.workdir, FLAGS.num_samples, FLAGS.out,
+                                   knobs=knobs)
   print(f'{len(result["images"])} samples of step {result["step"]} -> {FLAGS.out} '
         f'(grid: {result["grid"]})')
 
 
-def evaluate(cfg) -> dict:
+def evaluate(cfg, knobs: dict) -> dict:
   """--mode=eval: the metrics of the workdir's latest checkpoint, printed as one JSON line and
   written to WORKDIR/eval/step_N.json (process 0). The training data is built but never read."""
   import jax
@@ -139,7 +141,7 @@ def evaluate(cfg) -> dict:
   from trainer.evaluation import Evaluator
   from trainer.restore import latest_params
   run = build(cfg)
-  params, step, _ = latest_params(run, FLAGS.workdir)
+  params, step, _ = latest_params(run, FLAGS.workdir, knobs=knobs)
   if run.judge is not None:
     run.judge.load()   # a judging classifier is restored outside the run's mesh, as above
   mesh = sharding.make_mesh(run.loop.mesh)
@@ -228,10 +230,10 @@ def main(argv):
   if not FLAGS.workdir:
     raise UsageError('--workdir is required for training (checkpoints and events go there)')
   if FLAGS.mode == 'sample':
-    sample(cfg)
+    sample(cfg, exp.knob_values())
     return
   if FLAGS.mode == 'eval':
-    evaluate(cfg)
+    evaluate(cfg, exp.knob_values())
     return
 
   import jax

@@ -70,7 +70,9 @@ def test_sample_writes_the_images_deterministically_and_reads_only(trained, tmp_
 @pytest.mark.parametrize('args, message', [
     (['--exp=DiT_T_Synthetic', '--out=x.npz'], 'no checkpoints in '),
     (['--exp=DiT_T_FashionMNIST', '--out=x.npz'],
-     'is of experiment DiT_T_Synthetic, not DiT_T_FashionMNIST; pass --exp=DiT_T_Synthetic'),
+     'not DiT_T_FashionMNIST: pass --exp=DiT_T_Synthetic to read that run'),
+    (['--exp=DiT_T_Synthetic', '--out=x.npz', '--set', 'HIDDEN=32'],
+     'HIDDEN=64 there, 32 here'),
     (['--exp=ViT_T_Synthetic', '--out=x.npz'], 'draws no images'),
     (['--exp=DiT_T_Synthetic'], '--mode=sample needs --out=PATH'),
 ])

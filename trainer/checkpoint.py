@@ -184,6 +184,11 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return restored.meta
 
+  def saved_tree(self, step: int):
+    """Orbax's metadata tree of `step`'s state (shapes and dtypes; no array is read)."""
+    saved = self._manager.item_metadata(step)['state']
+    return saved.tree if hasattr(saved, 'tree') else saved
+
   def restore_latest(self, abstract_state, check=None):
     """(state, meta, step) of the newest step that restores cleanly, or (None, None, None) when
     there is none. `check(step, meta, saved_tree)` (saved_tree: Orbax's metadata of the state,
@@ -194,8 +199,7 @@ class Checkpointer:
     while (step := self.latest_step()) is not None:
       try:
         meta = self.read_meta(step)
-        saved = self._manager.item_metadata(step)['state']
-        saved = saved.tree if hasattr(saved, 'tree') else saved
+        saved = self.saved_tree(step)
       except Exception as e:   # noqa: BLE001 -- whatever a damaged step raises
         self._quarantine(step, e)
         continue

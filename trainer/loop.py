@@ -18,7 +18,6 @@ refused; an evaluation or sampling failure is logged and training goes on.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import time
@@ -38,6 +37,7 @@ from trainer import workdir as workdir_lib
 from trainer.checkpoint import Checkpointer
 from trainer.evaluation import Evaluator
 from trainer.prefetch import Prefetcher
+from trainer.restore import check_compatible, jsonable
 from trainer.summaries import Summaries, image_grid, save_png, upscale_for
 
 PREFETCH = 2   # batches put on the devices ahead of the step that takes them (trainer/prefetch.py)
@@ -92,57 +92,6 @@ class _StopSignals:
   def restore(self):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
-
-
-def _jsonable(value):
-  return json.loads(json.dumps(value, default=repr))
-
-
-def _param_shapes(tree) -> dict:
-  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in
-          jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))}
-
-
-def check_compatible(step, meta, saved, experiment, knobs, abstract, directory) -> None:
-  """Refuses (TrainError) a checkpoint of another experiment, or whose parameters have other
-  shapes than this run's, naming the knobs that differ; logs knobs that changed harmlessly."""
-  theirs = meta.get('experiment')
-  if theirs and theirs != experiment:
-    raise state_lib.TrainError(
-        f'{directory} holds checkpoints of {theirs} (step {step}), not {experiment}: pass '
-        f'--exp={theirs} to resume that run, or another --workdir; nothing was changed')
-  old = meta.get('knobs') or {}
-  new = _jsonable(knobs or {})
-  changed = {k: (old[k], new[k]) for k in sorted(new) if k in old and old[k] != new[k]}
-  diff = ', '.join(f'{k}={a!r} there, {b!r} here' for k, (a, b) in changed.items())
-  here, there = _param_shapes(abstract.params), _param_shapes(saved.get('params', {}))
-  has_ema = bool(jax.tree.leaves(saved.get('ema')))
-  if here != there or has_ema != (abstract.ema is not None):
-    where = sorted(set(here) ^ set(there)) or [k for k in here if here[k] != there[k]]
-    detail = (f'{where[0]} {there.get(where[0], "absent")} there, {here.get(where[0], "absent")} '
-              f'here' if where else 'EMA parameters present in one and not the other')
-    layout = _layout_hint(here, there)
-    raise state_lib.TrainError(
-        f'the checkpoint of step {step} in {directory} does not fit this run of {experiment} '
-        f'({layout or detail}); knobs that differ: '
-        f'{diff or "none recorded (the model code changed?)"}. '
-        'Use the checkpoint\'s knobs to resume it, or another --workdir; nothing was changed')
-  if changed:
-    logging.warning('resuming step %d with knobs changed since the checkpoint: %s', step, diff)
-
-
-def _layout_hint(here: dict, there: dict) -> str:
-  """Names the SCAN_LAYERS setting that reads a checkpoint whose blocks are laid out the other
-  way (stacked under 'blocks', or one 'block<i>' each); '' when that is not the difference."""
-  scanned = lambda shapes: any("['blocks']" in k for k in shapes)
-  unrolled = lambda shapes: any("['block0']" in k for k in shapes)
-  if scanned(there) and unrolled(here):
-    return ('its blocks are stacked (saved with SCAN_LAYERS=True) and this run unrolls them: '
-            'pass --set SCAN_LAYERS=True')
-  if unrolled(there) and scanned(here):
-    return ('its blocks are one module each (saved with SCAN_LAYERS=False) and this run scans '
-            'them: pass --set SCAN_LAYERS=False')
-  return ''
 
 
 def _ranges(rows) -> str:
@@ -376,7 +325,7 @@ def train(run, workdir: str, config_text: str = '', knobs: dict | None = None,
         if do_save:   # first: an evaluation that fails must not cost the checkpoint
           ckpt.save(done, state, {'step': done, 'data_position': done,
                                   'experiment': s.experiment, 'skipped_steps': skipped,
-                                  'knobs': _jsonable(knobs or {})})
+                                  'knobs': jsonable(knobs or {})})
         if do_eval or do_judge:
           eval_metrics = guarded('evaluation', done, evaluator,
                                  state.ema if s.ema_decay else state.params, done,

@@ -3,6 +3,9 @@ checkpoint: what sampling, evaluation and exporting a model start from. Reads on
 the workdir is created or changed."""
 from __future__ import annotations
 
+import json
+
+from absl import logging
 from etils import epath
 
 import jax
@@ -38,10 +41,66 @@ def layout_overrides(workdir: str) -> list[str]:
   return [f'{k}={knobs.get(k, default)!r}' for k, default in LAYOUT_KNOBS.items()]
 
 
-def latest_params(run, workdir: str, ema: bool = True):
+def jsonable(value):
+  return json.loads(json.dumps(value, default=repr))
+
+
+def _param_shapes(tree) -> dict:
+  return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in
+          jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))}
+
+
+def check_compatible(step, meta, saved, experiment, knobs, abstract, directory,
+                     action: str = 'resume') -> None:
+  """Refuses (TrainError) a checkpoint of another experiment, or whose parameters have other
+  shapes than this run's, naming the knobs that differ; logs knobs that changed harmlessly.
+  `saved`: Orbax's metadata tree of the checkpoint's state; `action`: what the caller does with
+  it ('resume', 'read'), for the messages."""
+  theirs = meta.get('experiment')
+  if theirs and theirs != experiment:
+    raise state_lib.TrainError(
+        f'{directory} holds checkpoints of {theirs} (step {step}), not {experiment}: pass '
+        f'--exp={theirs} to {action} that run, or another --workdir; nothing was changed')
+  old = meta.get('knobs') or {}
+  new = jsonable(knobs or {})
+  changed = {k: (old[k], new[k]) for k in sorted(new) if k in old and old[k] != new[k]}
+  diff = ', '.join(f'{k}={a!r} there, {b!r} here' for k, (a, b) in changed.items())
+  here, there = _param_shapes(abstract.params), _param_shapes(saved.get('params', {}))
+  has_ema = bool(jax.tree.leaves(saved.get('ema')))
+  if here != there or has_ema != (abstract.ema is not None):
+    where = sorted(set(here) ^ set(there)) or [k for k in here if here[k] != there[k]]
+    detail = (f'{where[0]} {there.get(where[0], "absent")} there, {here.get(where[0], "absent")} '
+              f'here' if where else 'EMA parameters present in one and not the other')
+    layout = _layout_hint(here, there)
+    raise state_lib.TrainError(
+        f'the checkpoint of step {step} in {directory} does not fit this run of {experiment} '
+        f'({layout or detail}); knobs that differ: '
+        f'{diff or "none recorded (the model code changed?)"}. '
+        f'Use the checkpoint\'s knobs to {action} it, or another --workdir; nothing was changed')
+  if changed:
+    logging.warning('%s step %d with knobs changed since the checkpoint: %s',
+                    'resuming' if action == 'resume' else 'reading', step, diff)
+
+
+def _layout_hint(here: dict, there: dict) -> str:
+  """Names the SCAN_LAYERS setting that reads a checkpoint whose blocks are laid out the other
+  way (stacked under 'blocks', or one 'block<i>' each); '' when that is not the difference."""
+  scanned = lambda shapes: any("['blocks']" in k for k in shapes)
+  unrolled = lambda shapes: any("['block0']" in k for k in shapes)
+  if scanned(there) and unrolled(here):
+    return ('its blocks are stacked (saved with SCAN_LAYERS=True) and this run unrolls them: '
+            'pass --set SCAN_LAYERS=True')
+  if unrolled(there) and scanned(here):
+    return ('its blocks are one module each (saved with SCAN_LAYERS=False) and this run scans '
+            'them: pass --set SCAN_LAYERS=False')
+  return ''
+
+
+def latest_params(run, workdir: str, ema: bool = True, knobs: dict | None = None):
   """(params, step, meta) of the latest checkpoint under `workdir`: the EMA parameters when the
   run keeps them and `ema`, else the trained ones; laid out on the run's mesh. The checkpoint
-  must come from the run's own experiment (its record says which)."""
+  must come from the run's own experiment (its record says which) and fit its model; given
+  `knobs` (the experiment's knob values) a misfit names the knobs that differ."""
   directory = workdir_lib.join(workdir_lib.resolve(workdir), 'checkpoints')
   if not epath.Path(directory).is_dir():   # checked first: the checkpointer would create it
     raise FileNotFoundError(f'no checkpoints in {workdir} (no {directory}); train there first')
@@ -50,15 +109,14 @@ def latest_params(run, workdir: str, ema: bool = True):
   try:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f'no checkpoint in {directory}; train there first')
-    meta = ckpt.read_meta()
-    if meta.get('experiment') not in (None, s.experiment):
-      raise state_lib.TrainError(
-          f'the checkpoint in {directory} is of experiment {meta["experiment"]}, not '
-          f'{s.experiment}; pass --exp={meta["experiment"]}')
+    step = ckpt.latest_step()
+    meta = ckpt.read_meta(step)
     mesh = sharding.make_mesh(s.mesh)
     init_state = state_lib.make_init_state(run.model, run.task, run.optimizer.tx, s.ema_decay)
     _, abstract = state_lib.shard_state(init_state, jax.random.key(s.seed), mesh)
-    state, meta = ckpt.restore(abstract)
+    check_compatible(step, meta, ckpt.saved_tree(step), s.experiment, knobs, abstract, directory,
+                     action='read')
+    state, meta = ckpt.restore(abstract, step)
   finally:
     ckpt.close()
   params = state.ema if ema and s.ema_decay else state.params

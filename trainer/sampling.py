@@ -61,7 +61,7 @@ def draw_images(run, params, frozen, labels, key, mesh, batch: int, decode=None,
 
 
 def sample_images(run, workdir: str, num_samples: int, out: str,
-                  batch_size: int | None = None) -> dict:
+                  batch_size: int | None = None, knobs: dict | None = None) -> dict:
   """Draw `num_samples` class-conditional images from the latest checkpoint (EMA parameters when
   the run keeps them) and write them to `out` (.npz) and a PNG grid beside it; returns
   {'images', 'labels', 'step', 'grid'}."""
@@ -71,7 +71,7 @@ def sample_images(run, workdir: str, num_samples: int, out: str,
                                'the image generators (DiT) so far')
   if num_samples <= 0:
     raise state_lib.TrainError(f'--num_samples={num_samples} must be positive')
-  params, step, _ = latest_params(run, workdir)
+  params, step, _ = latest_params(run, workdir, knobs=knobs)
   mesh = sharding.make_mesh(s.mesh)
   batch = batch_size_for(mesh, num_samples, batch_size or s.global_batch)
   frozen, _ = state_lib.place_frozen(codec, mesh)
@@ -124,12 +124,13 @@ def continue_held_out(run, params, num_samples: int, key, mesh, desc: str | None
   return records
 
 
-def sample_text(run, workdir: str, num_samples: int, out: str) -> dict:
+def sample_text(run, workdir: str, num_samples: int, out: str,
+                knobs: dict | None = None) -> dict:
   """Continue `num_samples` held-out prompts from `run.eval_data` with the latest checkpoint and
   write them to `out` (.jsonl); returns {'records', 'step'}."""
   if num_samples <= 0:
     raise state_lib.TrainError(f'--num_samples={num_samples} must be positive')
-  params, step, _ = latest_params(run, workdir)
+  params, step, _ = latest_params(run, workdir, knobs=knobs)
   mesh = sharding.make_mesh(run.loop.mesh)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
     records = continue_held_out(run, params, num_samples, jax.random.key(run.loop.seed), mesh,
