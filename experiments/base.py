@@ -115,7 +115,7 @@ class Experiment:
                   'DENOISE_STEPS', 'CPU_DEVICES')
   AT_LEAST_ZERO = ('SAMPLE_EVERY', 'LOSS_CHUNK', 'EVAL_BATCHES', 'WARMUP', 'WEIGHT_DECAY',
                    'INIT_STD', 'GRAD_CLIP', 'SEED', 'FID_NUM', 'FID_EVERY', 'FID_BATCH',
-                   'DATA_WORKERS')
+                   'DATA_WORKERS', 'DECODER_CONV')
   CHOICES = {'LR_SCHEDULE': ('constant', 'cosine'), 'DTYPE': ('float32', 'bfloat16'),
              'RESIDUAL_DTYPE': ('float32', 'bfloat16'),
              'ATTENTION_IMPL': attentions.IMPLEMENTATIONS, 'REMAT': transformers.REMAT_POLICIES}

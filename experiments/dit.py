@@ -37,6 +37,7 @@ class DiT(Experiment, abstract=True):
   EMA_DECAY = 0.9999
   CFG_SCALE = 1.5
   CFG_INTERVAL = (0.0, 1.0)    # sampler times t (0: noise, 1: data) in [lo, hi) get guidance
+  DECODER_CONV = 0             # > 0: a 3x3 convolution of this many channels ends the decoder
   CLASS_DROPOUT = 0.1
   DENOISE_STEPS = 128          # steps of the sampler (and the grid of T_SAMPLING='grid')
   SAMPLER = 'euler'            # 'euler' (1 velocity call a step) | 'heun' (2 calls, 2nd order)
@@ -120,7 +121,7 @@ class DiT(Experiment, abstract=True):
     return fdl.Config(dit.DiT, image_size=size, channels=channels,
                       patch=self.PATCH, hidden=self.HIDDEN, depth=self.DEPTH, heads=self.HEADS,
                       num_classes=self.NUM_CLASSES, mlp_ratio=self.MLP_RATIO,
-                      **self.backbone_fields())
+                      decoder_conv=self.DECODER_CONV, **self.backbone_fields())
 
   def task(self):
     size, channels = self.input_shape()
@@ -136,7 +137,7 @@ class DiT(Experiment, abstract=True):
     """The DiT's own FLOPs; a frozen VAE's encoding is not counted (MFU is the model's)."""
     size, channels = self.input_shape()
     return dit.flops_per_example(size, channels, self.PATCH, self.HIDDEN, self.DEPTH,
-                                 self.MLP_RATIO)
+                                 self.MLP_RATIO, decoder_conv=self.DECODER_CONV)
 
 
 class DiT_T_FashionMNIST(data.FashionMNISTData, DiT):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from layers.convolutions import Conv
 from layers.embeddings import unpatchify
 from layers.linears import Dense
 from layers.normalizations import LayerNorm
@@ -31,12 +32,19 @@ class ClassifierHead(nn.Module):
 
 class FinalAdaLN(nn.Module):
   """DiT's last layer: adaLN (shift, scale) on a bare norm, then a zero-init Dense to patches,
-  unpatchified back to [b, H, W, c]."""
+  unpatchified back to [b, H, W, c].
+
+  With `conv_features` k > 0 the Dense writes k channels a pixel instead, and a 3x3 convolution
+  (zero-initialised, so the model still starts at zero output) maps them to the c channels:
+  each pixel then also sees the tokens of the neighbouring patches, which the linear decoder
+  alone cannot, and whose absence shows as blocks at patch borders. U-ViT (Bao et al. 2023)
+  puts a 3x3 convolution after its linear decoder for the same reason."""
   patch: int
   channels: int
   height: int
   width: int
   norm_eps: float = 1e-6
+  conv_features: int = 0
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -44,9 +52,16 @@ class FinalAdaLN(nn.Module):
     shift, scale = AdaLNModulation(2, x.shape[-1], dtype=self.dtype, name='adaln')(c)
     x = LayerNorm(self.norm_eps, use_scale=False, use_bias=False, dtype=self.dtype)(x, shift,
                                                                                     scale)
-    x = Dense(self.patch * self.patch * self.channels, ('embed', 'patch'),
-              kernel_init=nn.initializers.zeros_init(), dtype=self.dtype, name='proj')(x)
-    return unpatchify(x, self.patch, self.height, self.width)
+    k = self.conv_features or self.channels
+    # zero-init here would leave the convolution's input and its gradient at zero for good
+    init = None if self.conv_features else nn.initializers.zeros_init()
+    x = Dense(self.patch * self.patch * k, ('embed', 'patch'), kernel_init=init,
+              dtype=self.dtype, name='proj')(x)
+    x = unpatchify(x, self.patch, self.height, self.width)
+    if self.conv_features:
+      x = Conv(self.channels, (3, 3), kernel_init=nn.initializers.zeros_init(),
+               dtype=self.dtype, name='conv')(x)
+    return x
 
 
 def vocab_logits(h, table, vocab_size: int, dtype=jnp.float32):

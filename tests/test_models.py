@@ -154,6 +154,49 @@ def test_vit_conv_stem_matches_numpy_and_keeps_the_patch_grid():
     model.clone(stem='hybrid').init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
 
 
+def test_dit_decoder_conv_starts_at_zero_learns_and_reaches_across_patch_borders():
+  """decoder_conv=k: the patch decoder writes k channels a pixel and a zero-initialised 3x3
+  convolution maps them to the output (checked against NumPy once trained weights are in), so
+  the output starts at zero as the plain decoder's does, yet its gradient is not zero, and a
+  pixel on a patch border moves with the neighbouring patch's token, which the plain decoder's
+  never does."""
+  from layers.embeddings import unpatchify
+  from layers.heads import FinalAdaLN
+  p, k, size = 4, 8, 8                            # a 2 x 2 grid of 4-pixel patches
+  h = jax.random.normal(jax.random.key(0), (1, 4, 16))
+  cond = jax.random.normal(jax.random.key(1), (1, 16))
+  head = FinalAdaLN(p, 1, size, size, conv_features=k)
+  params = nn.unbox(head.init(jax.random.key(2), h, cond)['params'])
+  assert params['conv']['kernel'].shape == (3, 3, k, 1) and params['proj']['kernel'].shape == (
+      16, p * p * k)
+  assert float(jnp.abs(head.apply({'params': params}, h, cond)).max()) == 0
+  grad = jax.grad(lambda q: head.apply({'params': q}, h, cond).sum())(params)
+  assert float(jnp.abs(grad['conv']['kernel']).max()) > 0
+  # with a trained (here random) kernel: the output is the 3x3 SAME convolution of the
+  # unpatchified k-channel decoding
+  params['conv']['kernel'] = jax.random.normal(jax.random.key(3), (3, 3, k, 1))
+  out, seen = head.apply({'params': params}, h, cond,
+                         capture_intermediates=lambda mdl, _: mdl.name == 'proj')
+  out = np.asarray(out, np.float64)
+  decoded = seen['intermediates']['proj']['__call__'][0]          # [1, 4 tokens, p * p * k]
+  feats = np.asarray(unpatchify(decoded, p, size, size), np.float64)
+  padded = np.pad(feats, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  kern = np.asarray(params['conv']['kernel'], np.float64)
+  want = sum(padded[:, i:i + size, j:j + size] @ kern[i, j] for i in range(3) for j in range(3))
+  assert_close_f32(out, want + np.asarray(params['conv']['bias']), err_msg='decoder conv')
+  # token 1 (top-right patch) moves pixel (0, 3), the last column of token 0's patch
+  moved = h.at[0, 1].add(jax.random.normal(jax.random.key(5), (16,)))   # not a constant: the
+  # norm would take a constant shift out
+  delta = np.abs(np.asarray(head.apply({'params': params}, moved, cond)) - out)[0, :, :, 0]
+  assert delta[0, 3] > 1e-3 and delta[0, 2] == 0
+  plain = FinalAdaLN(p, 1, size, size)
+  plain_params = nn.unbox(plain.init(jax.random.key(2), h, cond)['params'])
+  plain_params['proj']['kernel'] = jax.random.normal(jax.random.key(4), (16, p * p))
+  delta = np.abs(np.asarray(plain.apply({'params': plain_params}, moved, cond))
+                 - np.asarray(plain.apply({'params': plain_params}, h, cond)))[0, :, :, 0]
+  assert delta[:, :4].max() == 0 and delta[:4, 4:].max() > 0
+
+
 def test_gpt2_small_parameter_count():
   model = gpt.GPT(vocab_size=50257, max_len=1024, hidden=768, depth=12, heads=12,
                   vocab_multiple=1)
