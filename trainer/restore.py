@@ -107,9 +107,9 @@ def latest_params(run, workdir: str, ema: bool = True, knobs: dict | None = None
   s = run.loop
   ckpt = Checkpointer(directory, async_save=False)
   try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f'no checkpoint in {directory}; train there first')
     step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {directory}; train there first')
     meta = ckpt.read_meta(step)
     mesh = sharding.make_mesh(s.mesh)
     init_state = state_lib.make_init_state(run.model, run.task, run.optimizer.tx, s.ema_decay)
