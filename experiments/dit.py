@@ -102,7 +102,8 @@ class DiT(Experiment, abstract=True):
       features, name = fdl.Partial(inception.FIDInception, path=self.INCEPTION_PATH), 'fid'
     return fdl.Config(SampleJudge, features=features, num_samples=self.FID_NUM,
                       every=self.FID_EVERY, name=name, reference=self.FID_REF,
-                      reference_num=self.FID_REF_NUM, batch_size=self.FID_BATCH)
+                      reference_num=self.FID_REF_NUM, batch_size=self.FID_BATCH,
+                      seam_period=self.PATCH * (self.VAE_DOWNSAMPLE if self.USE_VAE else 1))
 
   def config(self):
     cfg = super().config()

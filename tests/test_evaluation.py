@@ -164,6 +164,7 @@ def test_classifier_judges_the_samples_in_training_and_eval(classifier, judged):
   assert record['class_consistency'] == pytest.approx(scalars['eval/class_consistency'][-1][1],
                                                      abs=1e-6)
   assert record['loss'] == pytest.approx(scalars['eval/loss'][-1][1], rel=1e-5)
+  assert record['seam_ratio'] == pytest.approx(scalars['eval/seam_ratio'][-1][1], rel=1e-6)
 
   # the judge's accuracy on the real eval-split images, computed here, and the ratios built on it
   from experiments import base
@@ -172,15 +173,18 @@ def test_classifier_judges_the_samples_in_training_and_eval(classifier, judged):
   judge = restore.TrainedClassifier('ViT_T_Synthetic', classifier)
   _, cfg = base.build_config('DiT_T_Synthetic', TINY[1::2])
   source = fdl.build(cfg.eval_data)
-  hits, labels = [], []
+  hits, labels, images = [], [], []
   for i in range(source.num_eval_batches()):
     batch = source.batch(i)
     real = batch['mask'] > 0
+    images.append(batch['image'][real])
     pixels = evaluation.quantize(pixels_to_float(jnp.asarray(batch['image'])))
     logits = np.asarray(judge.features(judge.params, pixels)['logits'])
     hits.append(logits.argmax(-1)[real] == batch['label'][real])
     labels.append(batch['label'][real])
   hits, labels = np.concatenate(hits), np.concatenate(labels)
+  assert record['real_seam_ratio'] == pytest.approx(
+      looped_seam_ratio(np.concatenate(images), 4), rel=1e-9)   # DiT_T_Synthetic's 4x4 patches
   per_class = [hits[labels == k].mean() for k in range(10)]
   # FID_NUM=6 samples cover 6 of the 10 classes: the real accuracy is weighted as they are
   from trainer.sampling import spread_labels
@@ -227,8 +231,28 @@ def test_eval_mode_reports_fid_with_inception_weights(judged, tmp_path):
           '--set', 'FID_BATCH=16', '--set', f'INCEPTION_PATH={weights}',
           '--set', 'FID_REF_NUM=16', '--set', 'EVAL_BATCHES=1', '--set', 'DENOISE_STEPS=2']
   record = json.loads(ok(launch(*args)).stdout.strip().splitlines()[-1])
-  assert set(record) == {'experiment', 'step', 'params', 'loss', 'fid'}
+  assert set(record) == {'experiment', 'step', 'params', 'loss', 'fid', 'seam_ratio',
+                         'real_seam_ratio'}
   assert np.isfinite(record['fid']) and record['fid'] > 0
+  assert np.isfinite(record['seam_ratio']) and record['seam_ratio'] > 0
+  # the real images' ratio is over the FID_REF_NUM=16 reference images only
+  from experiments import base
+  import fiddle as fdl
+  _, cfg = base.build_config('DiT_T_Synthetic', TINY[1::2])
+  batch = fdl.build(cfg.eval_data).batch(0)
+  first = batch['image'][batch['mask'] > 0][:16]
+  assert record['real_seam_ratio'] == pytest.approx(looped_seam_ratio(first, 4), rel=1e-9)
+
+
+def looped_seam_ratio(images, p):
+  """tasks/fid.seam_ratio written out pair by pair: mean |difference| of neighbouring pixels
+  across the lines of the p x p grid over the mean inside its cells, rows and columns pooled."""
+  images = images.astype(np.float64)
+  across, inside = [], []
+  for im in (images, images.transpose(0, 2, 1, 3)):     # along rows, then along columns
+    for j in range(im.shape[2] - 1):
+      (across if j % p == p - 1 else inside).append(np.abs(im[:, :, j + 1] - im[:, :, j]).ravel())
+  return np.concatenate(across).mean() / np.concatenate(inside).mean()
 
 
 def test_fid_stats_tool_matches_a_direct_computation(tmp_path, capsys):

@@ -112,3 +112,30 @@ def test_judge_reports_a_missing_network_instead_of_failing():
   assert [s for s in range(1, 31) if once.due(s, last=s == 30)] == [30]
   with pytest.raises(ValueError, match='needs FID_NUM >= 2 samples, got 1'):
     fid.SampleJudge(absent, num_samples=1)
+
+
+@pytest.mark.parametrize('p, a, b', [(4, 9.0, 1.0), (4, 1.0, 1.0), (2, 0.5, 2.0)])
+def test_seam_ratio_of_a_ramp_with_steps_at_the_grid_lines_is_closed_form(p, a, b):
+  """x[i, j] = a * (j // p) + b * (j % p): rows step by b inside a cell and by a - (p - 1) b
+  across a grid line; columns are flat. Pooled over both directions, with as many border (and
+  as many interior) pairs along rows as along columns, the ratio is |a - (p - 1) b| / b."""
+  n = 4 * p
+  j = np.arange(n)
+  image = np.broadcast_to(a * (j // p) + b * (j % p), (n, n))[None, :, :, None]
+  assert fid.seam_ratio(fid.seam_sums(image, p)) == pytest.approx(abs(a - (p - 1) * b) / b)
+
+
+def test_seam_ratio_is_one_without_a_grid_and_sums_add_over_batches():
+  rng = np.random.default_rng(0)
+  noise = rng.integers(0, 64, (64, 28, 28, 1))
+  whole = fid.seam_sums(noise, 4)
+  assert fid.seam_ratio(whole) == pytest.approx(1.0, abs=0.02)
+  np.testing.assert_allclose(fid.seam_sums(noise[:10], 4) + fid.seam_sums(noise[10:], 4), whole)
+  # per-patch offsets, as a patch generator whose patches disagree makes, raise it
+  offsets = np.kron(rng.normal(0, 40, (64, 7, 7)), np.ones((4, 4)))[..., None]
+  assert fid.seam_ratio(fid.seam_sums(noise + offsets, 4)) > 1.5
+  # the same offsets on a grid of another period are not seams of this one
+  shifted = np.roll(noise + offsets, 2, axis=(1, 2))
+  assert fid.seam_ratio(fid.seam_sums(shifted, 4)) < fid.seam_ratio(fid.seam_sums(
+      noise + offsets, 4))
+  assert np.isnan(fid.seam_ratio(fid.seam_sums(np.zeros((2, 8, 8, 1)), 4)))

@@ -119,6 +119,7 @@ class Evaluator:
     judge, source = self.judge, self.run.eval_data
     batches = min(source.num_eval_batches(), -(-judge.reference_num // source.global_batch))
     feats, hits, labels = [], [], []
+    seams, seen = np.zeros(4), 0
     with contextlib.closing(source.iterate(0, batches)) as it:
       for batch in it:
         if 'image' not in batch:
@@ -134,12 +135,18 @@ class Evaluator:
             for o in (self._features(self.judge_params, x), labelled))
         real = labelled['mask'] > 0
         feats.append(out['features'][real])
+        if judge.seam_period and seen < judge.reference_num:
+          images = np.asarray(multihost_utils.process_allgather(x, tiled=True))[real]
+          seams += fid.seam_sums(images[:judge.reference_num - seen], judge.seam_period)
+          seen += len(images)
         if 'logits' in out and 'label' in labelled:
           labels.append(labelled['label'][real])
           hits.append(out['logits'].argmax(-1)[real] == labels[-1])
     feats = np.concatenate(feats)[:judge.reference_num]
     logging.info('eval/%s reference: statistics of %d eval-split images', judge.name,
                  len(feats))
+    if judge.seam_period:
+      judge.real_seam_ratio = fid.seam_ratio(seams)
     if labels:
       judge.real_accuracy = per_class_mean(np.concatenate(hits)[:judge.reference_num],
                                            np.concatenate(labels)[:judge.reference_num],
@@ -158,17 +165,24 @@ class Evaluator:
     if decode is None and run.codec is not None:
       decode = self._decode = jax.jit(run.codec.decode)
     key = jax.random.fold_in(jax.random.key(run.loop.seed), fid.JUDGE_STREAM)
-    feats, logits = [], []
+    feats, logits, seams = [], [], np.zeros(4)
     for x, n in sampling.draw_images(run, params, self.frozen, labels, key, self.mesh, batch,
                                      decode, desc=f'eval/{judge.name}: {judge.num_samples} '
                                      'samples'):
       out = jax.tree.map(lambda a: np.asarray(multihost_utils.process_allgather(a, tiled=True)),
                          self._features(self.judge_params, x))
       feats.append(out['features'][:n])
+      if judge.seam_period:   # on the pixels a viewer sees, as the judge does
+        pixels = np.asarray(multihost_utils.process_allgather(quantize(x), tiled=True))[:n]
+        seams += fid.seam_sums(pixels, judge.seam_period)
       if 'logits' in out:
         logits.append(out['logits'][:n])
     mu, sigma = fid.statistics(np.concatenate(feats))
     metrics = {judge.name: fid.frechet_distance(mu, sigma, *judge.reference_stats)}
+    if judge.seam_period:
+      metrics['seam_ratio'] = fid.seam_ratio(seams)
+      if judge.real_seam_ratio is not None:
+        metrics['real_seam_ratio'] = judge.real_seam_ratio
     if logits:
       hits = np.concatenate(logits).argmax(-1) == labels
       metrics['class_consistency'] = float(hits.mean())
