@@ -135,9 +135,10 @@ class Evaluator:
             for o in (self._features(self.judge_params, x), labelled))
         real = labelled['mask'] > 0
         feats.append(out['features'][real])
-        if judge.seam_period and seen < judge.reference_num:
-          images = np.asarray(multihost_utils.process_allgather(x, tiled=True))[real]
-          seams += fid.seam_sums(images[:judge.reference_num - seen], judge.seam_period)
+        wanted = min(judge.reference_num, fid.SEAM_REFERENCE_MAX) - seen
+        if judge.seam_period and wanted > 0:
+          images = np.asarray(multihost_utils.process_allgather(x, tiled=True))[real][:wanted]
+          seams += fid.seam_sums(images, judge.seam_period)
           seen += len(images)
         if 'logits' in out and 'label' in labelled:
           labels.append(labelled['label'][real])
@@ -173,7 +174,8 @@ class Evaluator:
                          self._features(self.judge_params, x))
       feats.append(out['features'][:n])
       if judge.seam_period:   # on the pixels a viewer sees, as the judge does
-        pixels = np.asarray(multihost_utils.process_allgather(quantize(x), tiled=True))[:n]
+        pixels = np.asarray(multihost_utils.process_allgather(
+            quantize(x).astype(jnp.uint8), tiled=True))[:n]
         seams += fid.seam_sums(pixels, judge.seam_period)
       if 'logits' in out:
         logits.append(out['logits'][:n])
