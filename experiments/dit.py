@@ -38,6 +38,7 @@ class DiT(Experiment, abstract=True):
   CFG_SCALE = 1.5
   CFG_INTERVAL = (0.0, 1.0)    # sampler times t (0: noise, 1: data) in [lo, hi) get guidance
   DECODER_CONV = 0             # > 0: a 3x3 convolution of this many channels ends the decoder
+  DECODER_OVERLAP = False      # each token decodes a 2p x 2p block overlapping its neighbours'
   CLASS_DROPOUT = 0.1
   DENOISE_STEPS = 128          # steps of the sampler (and the grid of T_SAMPLING='grid')
   SAMPLER = 'euler'            # 'euler' (1 velocity call a step) | 'heun' (2 calls, 2nd order)
@@ -76,6 +77,9 @@ class DiT(Experiment, abstract=True):
         or not 0 <= lo_hi[0] < lo_hi[1] <= 1):
       raise ConfigError(f'CFG_INTERVAL={lo_hi!r}: the guided sampler times, a pair (lo, hi) with '
                         '0 <= lo < hi <= 1, e.g. "(0.2, 0.8)"; (0, 1) guides every step')
+    if self.DECODER_OVERLAP and (self.PATCH % 2 or self.DECODER_CONV):
+      raise ConfigError(f'DECODER_OVERLAP needs an even PATCH (got {self.PATCH}) and '
+                        f'DECODER_CONV=0 (got {self.DECODER_CONV})')
     if self.LATENTS_DIR and not self.USE_VAE:
       raise ConfigError('LATENTS_DIR needs USE_VAE=True (the VAE decodes the samples)')
 
@@ -122,7 +126,8 @@ class DiT(Experiment, abstract=True):
     return fdl.Config(dit.DiT, image_size=size, channels=channels,
                       patch=self.PATCH, hidden=self.HIDDEN, depth=self.DEPTH, heads=self.HEADS,
                       num_classes=self.NUM_CLASSES, mlp_ratio=self.MLP_RATIO,
-                      decoder_conv=self.DECODER_CONV, **self.backbone_fields())
+                      decoder_conv=self.DECODER_CONV, decoder_overlap=self.DECODER_OVERLAP,
+                      **self.backbone_fields())
 
   def task(self):
     size, channels = self.input_shape()
@@ -138,7 +143,8 @@ class DiT(Experiment, abstract=True):
     """The DiT's own FLOPs; a frozen VAE's encoding is not counted (MFU is the model's)."""
     size, channels = self.input_shape()
     return dit.flops_per_example(size, channels, self.PATCH, self.HIDDEN, self.DEPTH,
-                                 self.MLP_RATIO, decoder_conv=self.DECODER_CONV)
+                                 self.MLP_RATIO, decoder_conv=self.DECODER_CONV,
+                                 decoder_overlap=self.DECODER_OVERLAP)
 
 
 class DiT_T_FashionMNIST(data.FashionMNISTData, DiT):

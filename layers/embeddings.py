@@ -97,6 +97,27 @@ def unpatchify(x: jax.Array, patch: int, height: int, width: int) -> jax.Array:
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, height, width, c)
 
 
+def unpatchify_overlapping(x: jax.Array, patch: int, height: int, width: int) -> jax.Array:
+  """[b, (H/p)(W/p), (2p)(2p)c] -> [b, H, W, c]: each token's 2p x 2p block centred on its own
+  p x p cell (reaching p/2 into each neighbour), blocks summed where they overlap, the p/2 margin
+  around the image dropped. The adjoint of a 2p x 2p convolution of stride p with p/2 padding:
+  every pixel is a sum over the tokens of up to four cells, so no pixel pair straddling a cell
+  border is decoded by one token alone. `patch` must be even."""
+  if patch % 2:
+    raise ValueError(f'overlapping patches need an even patch size, got {patch}')
+  b, _, qqc = x.shape
+  gh, gw, c = height // patch, width // patch, qqc // (4 * patch * patch)
+  x = x.reshape(b, gh, gw, 2, patch, 2, patch, c)
+  canvas = 0
+  for qi in (0, 1):          # the block's quadrants land on the cell and its neighbours
+    for qj in (0, 1):
+      quad = x[:, :, :, qi, :, qj].transpose(0, 1, 3, 2, 4, 5).reshape(b, height, width, c)
+      canvas = canvas + jnp.pad(quad, ((0, 0), (qi * patch, (1 - qi) * patch),
+                                       (qj * patch, (1 - qj) * patch), (0, 0)))
+  m = patch // 2
+  return canvas[:, m:m + height, m:m + width]
+
+
 class PatchEmbed(nn.Module):
   """A stride-p, p x p convolution, computed as patchify + one matmul ('patch', 'embed').
 

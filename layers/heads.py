@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from layers.convolutions import Conv
-from layers.embeddings import unpatchify
+from layers.embeddings import unpatchify, unpatchify_overlapping
 from layers.linears import Dense
 from layers.normalizations import LayerNorm
 from layers.transformers import AdaLNModulation
@@ -38,25 +38,34 @@ class FinalAdaLN(nn.Module):
   (zero-initialised, so the model still starts at zero output) maps them to the c channels:
   each pixel then also sees the tokens of the neighbouring patches, which the linear decoder
   alone cannot, and whose absence shows as blocks at patch borders. U-ViT (Bao et al. 2023)
-  puts a 3x3 convolution after its linear decoder for the same reason."""
+  puts a 3x3 convolution after its linear decoder for the same reason.
+
+  With `overlap` the Dense writes a 2p x 2p block a token instead, centred on its patch and
+  summed with its neighbours' where they overlap (embeddings.unpatchify_overlapping)."""
   patch: int
   channels: int
   height: int
   width: int
   norm_eps: float = 1e-6
   conv_features: int = 0
+  overlap: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+    if self.overlap and self.conv_features:
+      raise ValueError('choose one decoder: overlap or conv_features')
     shift, scale = AdaLNModulation(2, x.shape[-1], dtype=self.dtype, name='adaln')(c)
     x = LayerNorm(self.norm_eps, use_scale=False, use_bias=False, dtype=self.dtype)(x, shift,
                                                                                     scale)
     k = self.conv_features or self.channels
     # zero-init here would leave the convolution's input and its gradient at zero for good
     init = None if self.conv_features else nn.initializers.zeros_init()
-    x = Dense(self.patch * self.patch * k, ('embed', 'patch'), kernel_init=init,
-              dtype=self.dtype, name='proj')(x)
+    side = 2 * self.patch if self.overlap else self.patch
+    x = Dense(side * side * k, ('embed', 'patch'), kernel_init=init, dtype=self.dtype,
+              name='proj')(x)
+    if self.overlap:
+      return unpatchify_overlapping(x, self.patch, self.height, self.width)
     x = unpatchify(x, self.patch, self.height, self.width)
     if self.conv_features:
       x = Conv(self.channels, (3, 3), kernel_init=nn.initializers.zeros_init(),

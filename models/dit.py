@@ -37,6 +37,7 @@ class DiT(nn.Module):
   residual_dtype: jnp.dtype = jnp.float32   # the blocks' residual stream (layers/transformers)
   fused_qkv: bool = False
   decoder_conv: int = 0        # > 0: channels of a 3x3 convolution after the patch decoder
+  decoder_overlap: bool = False  # each token decodes a 2p x 2p block, overlapping its neighbours
 
   @property
   def null_class(self) -> int:
@@ -60,20 +61,20 @@ class DiT(nn.Module):
                  attention_impl=self.attention_impl, remat=self.remat, scan=self.scan_layers,
                  residual_dtype=self.residual_dtype, fused_qkv=self.fused_qkv,
                  dtype=self.dtype, name='backbone')(h, cond)
-    out = FinalAdaLN(self.patch, c, hh, ww, conv_features=self.decoder_conv, dtype=self.dtype,
-                     name='final')(h, cond)
+    out = FinalAdaLN(self.patch, c, hh, ww, conv_features=self.decoder_conv,
+                     overlap=self.decoder_overlap, dtype=self.dtype, name='final')(h, cond)
     return out.astype(jnp.float32)
 
 
 def flops_per_example(image_size: int, channels: int, patch: int, hidden: int, depth: int,
                       mlp_ratio: float = 4.0, frequency_dim: int = 256, decoder_conv: int = 0,
-                      **_) -> int:
+                      decoder_overlap: bool = False, **_) -> int:
   """Forward matmul and convolution FLOPs for one image (2 per multiply-add)."""
   l, d, ppc = (image_size // patch) ** 2, hidden, patch * patch * channels
   flops = 2 * l * ppc * d                                       # patch embedding
   flops += 2 * (frequency_dim * d + d * d)                      # timestep MLP
   flops += depth * block_flops(l, d, int(d * mlp_ratio), conditioned=True)
-  out = patch * patch * (decoder_conv or channels)
+  out = patch * patch * (decoder_conv or channels) * (4 if decoder_overlap else 1)
   flops += 2 * d * 2 * d + 2 * l * d * out                      # final adaLN + projection
   if decoder_conv:
     flops += 2 * image_size ** 2 * 9 * decoder_conv * channels  # the 3x3 convolution

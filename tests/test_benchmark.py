@@ -159,7 +159,8 @@ def test_measure_matmul_tflops(dtype):
     # one block, so that the convolutional stem is ~17% of the count (the p x p patch's about 1%)
     ('ViT_T_FashionMNIST', ['STEM=conv', 'DEPTH=1']),
     # the decoder's 64 channels a pixel make its projection ~20% of one block's count
-    ('DiT_T_FashionMNIST', ['DECODER_CONV=64', 'DEPTH=1'])])
+    ('DiT_T_FashionMNIST', ['DECODER_CONV=64', 'DEPTH=1']),
+    ('DiT_T_FashionMNIST', ['DECODER_OVERLAP=True', 'DEPTH=1'])])
 def test_analytic_forward_flops_match_xla(name, extra):
   """models/*.flops_per_example against XLA's cost analysis of the compiled forward pass.
 

@@ -197,6 +197,43 @@ def test_dit_decoder_conv_starts_at_zero_learns_and_reaches_across_patch_borders
   assert delta[:, :4].max() == 0 and delta[:4, 4:].max() > 0
 
 
+def test_dit_overlapping_decoder_adds_centred_blocks_as_numpy_does():
+  """decoder_overlap: each token's 2p x 2p block is centred on its p x p patch and summed with
+  its neighbours' (written out here pixel by pixel), so a pixel next to a patch border moves with
+  both tokens; the head starts at zero as the plain one does; an odd patch is refused."""
+  from layers.embeddings import unpatchify_overlapping
+  from layers.heads import FinalAdaLN
+  p, gh, gw, c = 4, 2, 3, 2
+  blocks = np.random.default_rng(0).normal(size=(2, gh * gw, 4 * p * p * c))
+  got = np.asarray(unpatchify_overlapping(jnp.asarray(blocks, jnp.float32), p, gh * p, gw * p))
+  canvas = np.zeros((2, (gh + 1) * p, (gw + 1) * p, c))
+  b = blocks.reshape(2, gh, gw, 2 * p, 2 * p, c)
+  for i in range(gh):
+    for j in range(gw):
+      for u in range(2 * p):
+        for v in range(2 * p):
+          canvas[:, i * p + u, j * p + v] += b[:, i, j, u, v]
+  want = canvas[:, p // 2:p // 2 + gh * p, p // 2:p // 2 + gw * p]
+  assert_close_f32(got, want, err_msg='overlap-add')
+  with pytest.raises(ValueError, match='even patch size, got 3'):
+    unpatchify_overlapping(jnp.zeros((1, 4, 36)), 3, 6, 6)
+
+  h = jax.random.normal(jax.random.key(0), (1, 4, 16))
+  cond = jax.random.normal(jax.random.key(1), (1, 16))
+  head = FinalAdaLN(p, 1, 8, 8, overlap=True)
+  params = nn.unbox(head.init(jax.random.key(2), h, cond)['params'])
+  assert params['proj']['kernel'].shape == (16, 4 * p * p)
+  assert float(jnp.abs(head.apply({'params': params}, h, cond)).max()) == 0
+  params['proj']['kernel'] = jax.random.normal(jax.random.key(3), (16, 4 * p * p))
+  out = np.asarray(head.apply({'params': params}, h, cond))
+  moved = h.at[0, 1].add(jax.random.normal(jax.random.key(5), (16,)))    # the top-right token
+  delta = np.abs(np.asarray(head.apply({'params': params}, moved, cond)) - out)[0, :, :, 0]
+  # it reaches 2 columns into the top-left patch (columns 2-3), not further, and not row 6
+  assert delta[:6, 2:].min() > 0 and delta[:, :2].max() == 0 and delta[6:].max() == 0
+  with pytest.raises(ValueError, match='choose one decoder'):
+    FinalAdaLN(p, 1, 8, 8, overlap=True, conv_features=4).init(jax.random.key(2), h, cond)
+
+
 def test_gpt2_small_parameter_count():
   model = gpt.GPT(vocab_size=50257, max_len=1024, hidden=768, depth=12, heads=12,
                   vocab_multiple=1)
