@@ -160,7 +160,9 @@ def test_measure_matmul_tflops(dtype):
     ('ViT_T_FashionMNIST', ['STEM=conv', 'DEPTH=1']),
     # the decoder's 64 channels a pixel make its projection ~20% of one block's count
     ('DiT_T_FashionMNIST', ['DECODER_CONV=64', 'DEPTH=1']),
-    ('DiT_T_FashionMNIST', ['DECODER_OVERLAP=True', 'DEPTH=1'])])
+    # 14-pixel patches decoded as 28x28 blocks: the projection ~20% of the count, so a wrong
+    # factor for the overlapping blocks (4x the plain decoder's outputs) would show
+    ('DiT_T_FashionMNIST', ['DECODER_OVERLAP=True', 'DEPTH=1', 'PATCH=14'])])
 def test_analytic_forward_flops_match_xla(name, extra):
   """models/*.flops_per_example against XLA's cost analysis of the compiled forward pass.
 
