@@ -118,18 +118,43 @@ def unpatchify_overlapping(x: jax.Array, patch: int, height: int, width: int) ->
   return canvas[:, m:m + height, m:m + width]
 
 
+def patchify_overlapping(x: jax.Array, patch: int, margin: int) -> jax.Array:
+  """[b, H, W, c] -> [b, (H/p)(W/p), w*w*c] with w = p + 2 * margin: each token's w x w window
+  centred on its own p x p cell (reaching `margin` pixels into each neighbour, zeros beyond the
+  image), pixels row-major over the window. The input of a w x w convolution of stride p with
+  `margin` padding; margin p/2 makes it the adjoint of `unpatchify_overlapping`."""
+  b, hh, ww, c = x.shape
+  if hh % patch or ww % patch:
+    raise ValueError(f'image size {hh}x{ww} is not divisible by patch size {patch}')
+  if not 0 <= margin <= min(hh, ww):
+    raise ValueError(f'patch margin {margin} must be in [0, {min(hh, ww)}] for {hh}x{ww} images')
+  gh, gw, w = hh // patch, ww // patch, patch + 2 * margin
+  padded = jnp.pad(x, ((0, 0), (margin, margin), (margin, margin), (0, 0)))
+  # strided slices, one per window row and then per window column: 2w slices instead of a gather
+  rows = jnp.stack([padded[:, u:u + gh * patch:patch] for u in range(w)], axis=2)
+  win = jnp.stack([rows[:, :, :, v:v + gw * patch:patch] for v in range(w)], axis=4)
+  return win.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, w * w * c)   # [b, gh, gw, w, w, c]
+
+
 class PatchEmbed(nn.Module):
   """A stride-p, p x p convolution, computed as patchify + one matmul ('patch', 'embed').
 
-  The kernel is the conv kernel [p, p, c, d] flattened row-major to [p*p*c, d].
+  The kernel is the conv kernel [p, p, c, d] flattened row-major to [p*p*c, d]. With a
+  `margin` the window grows by that many pixels on each side, still centred on the patch
+  (`patchify_overlapping`), so pixel pairs across a patch border are seen together by both
+  tokens and not only through attention.
   """
   patch: int
   features: int
   dtype: jnp.dtype = jnp.float32
+  margin: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    patches = patchify(x, self.patch)                                       # [b, l, p*p*c]
+    if self.margin:
+      patches = patchify_overlapping(x, self.patch, self.margin)            # [b, l, w*w*c]
+    else:
+      patches = patchify(x, self.patch)                                     # [b, l, p*p*c]
     return Dense(self.features, ('patch', 'embed'), dtype=self.dtype, name='proj')(patches)
 
 

@@ -38,6 +38,7 @@ class DiT(nn.Module):
   fused_qkv: bool = False
   decoder_conv: int = 0        # > 0: channels of a 3x3 convolution after the patch decoder
   decoder_overlap: bool = False  # each token decodes a 2p x 2p block, overlapping its neighbours
+  embed_margin: int = 0          # each token embeds its patch and this many pixels around it
 
   @property
   def null_class(self) -> int:
@@ -51,7 +52,8 @@ class DiT(nn.Module):
     if self.hidden % self.heads:
       raise ValueError(f'hidden {self.hidden} is not divisible by heads {self.heads}')
     grid = hh // self.patch
-    h = PatchEmbed(self.patch, self.hidden, dtype=self.dtype, name='patch_embed')(x)  # [b, l, d]
+    h = PatchEmbed(self.patch, self.hidden, dtype=self.dtype, margin=self.embed_margin,
+                   name='patch_embed')(x)                                         # [b, l, d]
     h = h + jnp.asarray(sincos_2d(self.hidden, grid), self.dtype)[None]
     h = shard(h, ('act_batch', 'act_len', 'act_embed'))
     cond = TimestepEmbed(self.hidden, dtype=self.dtype, name='t_embed')(t * self.time_scale)
@@ -68,9 +70,10 @@ class DiT(nn.Module):
 
 def flops_per_example(image_size: int, channels: int, patch: int, hidden: int, depth: int,
                       mlp_ratio: float = 4.0, frequency_dim: int = 256, decoder_conv: int = 0,
-                      decoder_overlap: bool = False, **_) -> int:
+                      decoder_overlap: bool = False, embed_margin: int = 0, **_) -> int:
   """Forward matmul and convolution FLOPs for one image (2 per multiply-add)."""
-  l, d, ppc = (image_size // patch) ** 2, hidden, patch * patch * channels
+  l, d = (image_size // patch) ** 2, hidden
+  ppc = (patch + 2 * embed_margin) ** 2 * channels
   flops = 2 * l * ppc * d                                       # patch embedding
   flops += 2 * (frequency_dim * d + d * d)                      # timestep MLP
   flops += depth * block_flops(l, d, int(d * mlp_ratio), conditioned=True)

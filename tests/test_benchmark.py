@@ -159,10 +159,12 @@ def test_measure_matmul_tflops(dtype):
     # one block, so that the convolutional stem is ~17% of the count (the p x p patch's about 1%)
     ('ViT_T_FashionMNIST', ['STEM=conv', 'DEPTH=1']),
     # the decoder's 64 channels a pixel make its projection ~20% of one block's count
-    ('DiT_T_FashionMNIST', ['DECODER_CONV=64', 'DEPTH=1']),
+    ('DiT_T_FashionMNIST', ['DECODER_CONV=64', 'DECODER_OVERLAP=False', 'DEPTH=1']),
     # 14-pixel patches decoded as 28x28 blocks: the projection ~20% of the count, so a wrong
     # factor for the overlapping blocks (4x the plain decoder's outputs) would show
-    ('DiT_T_FashionMNIST', ['DECODER_OVERLAP=True', 'DEPTH=1', 'PATCH=14'])])
+    ('DiT_T_FashionMNIST', ['DECODER_OVERLAP=True', 'EMBED_MARGIN=0', 'DEPTH=1', 'PATCH=14']),
+    # 28x28 windows of 14-pixel patches: the embedding ~15% of the count, 4x the plain one's
+    ('DiT_T_FashionMNIST', ['EMBED_MARGIN=7', 'DECODER_OVERLAP=False', 'DEPTH=1', 'PATCH=14'])])
 def test_analytic_forward_flops_match_xla(name, extra):
   """models/*.flops_per_example against XLA's cost analysis of the compiled forward pass.
 

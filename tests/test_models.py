@@ -234,6 +234,53 @@ def test_dit_overlapping_decoder_adds_centred_blocks_as_numpy_does():
     FinalAdaLN(p, 1, 8, 8, overlap=True, conv_features=4).init(jax.random.key(2), h, cond)
 
 
+@pytest.mark.parametrize('p, margin', [(4, 2), (4, 4), (3, 1)])
+def test_dit_patch_embed_margin_is_a_centred_strided_convolution(p, margin):
+  """embed_margin m: each token embeds the (p + 2m) x (p + 2m) window centred on its p x p patch,
+  zeros beyond the image (the windows cut out pixel by pixel here), so the embedding is a
+  convolution of stride p and padding m (against XLA's convolution); a pixel next to a patch
+  border moves both tokens, which the plain embedding's never does."""
+  from jax import lax
+  from layers.embeddings import PatchEmbed, patchify_overlapping
+  gh, gw, c, w = 2, 3, 2, p + 2 * margin
+  x = np.random.default_rng(0).normal(size=(2, gh * p, gw * p, c)).astype(np.float32)
+  got = np.asarray(patchify_overlapping(jnp.asarray(x), p, margin))
+  padded = np.pad(x, ((0, 0), (margin, margin), (margin, margin), (0, 0)))
+  want = np.zeros((2, gh * gw, w, w, c), np.float32)
+  for i in range(gh):
+    for j in range(gw):
+      for u in range(w):
+        for v in range(w):
+          want[:, i * gw + j, u, v] = padded[:, i * p + u, j * p + v]
+  np.testing.assert_array_equal(got, want.reshape(2, gh * gw, -1))
+
+  embed = PatchEmbed(p, 5, margin=margin)
+  params = nn.unbox(embed.init(jax.random.key(0), jnp.asarray(x))['params'])
+  kernel = params['proj']['kernel']
+  assert kernel.shape == (w * w * c, 5)
+  conv = lax.conv_general_dilated(jnp.asarray(x), kernel.reshape(w, w, c, 5), (p, p),
+                                  [(margin, margin)] * 2, precision='highest',
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  out = np.asarray(embed.apply({'params': params}, jnp.asarray(x)))
+  assert_close_f32(out, np.asarray(conv).reshape(2, gh * gw, 5) + np.asarray(
+      params['proj']['bias']), err_msg='patch embedding with a margin vs convolution')
+  moved = x.copy()
+  moved[:, 1, p - 1] += 1.0             # the last column of token 0's patch, row 1
+  delta = np.abs(np.asarray(embed.apply({'params': params}, jnp.asarray(moved))) - out).max(-1)
+  # exactly the tokens whose window holds pixel (1, p - 1) move: at these margins token 0 and
+  # its right neighbour, and the row below once the margin reaches row 1 from there
+  sees = [i * p - margin <= 1 < (i + 1) * p + margin and j * p - margin <= p - 1 < (j + 1) * p
+          + margin for i in range(gh) for j in range(gw)]
+  assert sees[:2] == [True, True] and sees[3] == (margin >= p - 1)
+  np.testing.assert_array_equal(delta.min(0) > 0, sees)
+  np.testing.assert_array_equal(delta.max(0) > 0, sees)
+  plain = PatchEmbed(p, 5)
+  plain_params = nn.unbox(plain.init(jax.random.key(0), jnp.asarray(x))['params'])
+  delta = np.abs(np.asarray(plain.apply({'params': plain_params}, jnp.asarray(moved)))
+                 - np.asarray(plain.apply({'params': plain_params}, jnp.asarray(x)))).max(-1)
+  assert delta[:, 0].min() > 0 and delta[:, 1:].max() == 0
+
+
 def test_gpt2_small_parameter_count():
   model = gpt.GPT(vocab_size=50257, max_len=1024, hidden=768, depth=12, heads=12,
                   vocab_multiple=1)
