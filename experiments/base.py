@@ -83,7 +83,7 @@ class Experiment:
   EMA_DECAY = 0.0                 # 0: no EMA parameters
   DTYPE = 'float32'               # compute dtype; parameters stay float32
   RESIDUAL_DTYPE = 'float32'      # dtype of the blocks' residual stream
-  FUSED_QKV = False               # one [d, 3, n, h] projection instead of query, key, value
+  FUSED_QKV = False               # q, k, v in one matmul (the same parameters: speed only)
   HIDDEN = 128
   DEPTH = 6
   HEADS = 4

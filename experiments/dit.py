@@ -182,8 +182,7 @@ class DiT_T_FashionMNIST(data.FashionMNISTData, DiT):
   NUM_STEPS = 3000
   EMA_DECAY = 0.99
   # the scan's stacked buffers of saved activations cost more than recomputing a 96-wide block
-  # (docs/PERFORMANCE.md); neither changes the function the model computes (FUSED_QKV does
-  # change the checkpoint's layout and the initial draw)
+  # (docs/PERFORMANCE.md); neither changes the function, the parameters or the initial draw
   REMAT = 'full'
   FUSED_QKV = True
   LOG_EVERY = 25

@@ -44,9 +44,10 @@ def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
 
 
 class SelfAttention(nn.Module):
-  """Self-attention with separate q/k/v projections ('embed', 'heads', 'kv'), or with
-  `fused_qkv` one projection 'qkv' [d, 3, n, h] ('embed', 'qkv', 'heads', 'kv'): one matmul with
-  three times the output width instead of three.
+  """Self-attention with q/k/v projections 'query', 'key', 'value' [d, n, h] ('embed', 'heads',
+  'kv'). `fused_qkv` applies the three as one matmul of three times the output width, their
+  kernels stacked [d, 3, n, h] on the fly: the same parameters, checkpoints and initial draw,
+  so it is a speed knob only.
 
   With `decode=True` keys and values go to a 'cache' collection of length `max_len`, taken from
   the input length at init (init with a [b, max_len, d] dummy). Each call then appends its l
@@ -75,12 +76,13 @@ class SelfAttention(nn.Module):
                                      kernel_init=normal_or_default(self.init_std),
                                      dtype=self.dtype, name=name)
     if self.fused_qkv:
-      # each of the three initialised as its separate projection would be (fans d and n*h)
-      init = normal_or_default(self.init_std) or nn.initializers.variance_scaling(
-          1.0, 'fan_avg', 'uniform', in_axis=0, out_axis=(2, 3), batch_axis=(1,))
-      qkv = DenseGeneral((3, n, h), ('embed', 'qkv', 'heads', 'kv'), use_bias=self.use_bias,
-                         kernel_init=init, dtype=self.dtype, name='qkv')(x)  # [b, l, 3, n, h]
-      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      # stacking the kernels copies 3 d^2 floats a step, against the matmuls' 6 b l d^2 FLOPs
+      weights = [proj(name)(x, weights_only=True) for name in ('query', 'key', 'value')]
+      kernel = jnp.stack([w for w, _ in weights], axis=1)                  # [d, 3, n, h]
+      qkv = jnp.einsum('bld,dtnh->bltnh', x.astype(self.dtype), kernel.astype(self.dtype))
+      if self.use_bias:
+        qkv = qkv + jnp.stack([bias for _, bias in weights]).astype(self.dtype)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]                    # [b, l, n, h]
     else:
       q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)         # [b, l, n, h]
     q = shard(q, ('act_batch', 'act_len', 'act_heads', None))

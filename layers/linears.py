@@ -19,7 +19,9 @@ class DenseGeneral(nn.Module):
 
   `kernel_axes` is required and names every kernel dim (contracted dims first): there is no
   default, so no weight is ever silently replicated. Parameters are float32; the matmul runs in
-  `dtype`.
+  `dtype`. `weights_only=True` returns (kernel, bias or None) for an input like `x` instead of
+  applying them: a caller can then fuse several projections into one matmul while each keeps
+  its own parameter names, layout and initial draw.
   """
   features: int | Sequence[int]
   kernel_axes: Sequence[str]
@@ -30,7 +32,7 @@ class DenseGeneral(nn.Module):
   bias_init: Initializer = nn.initializers.zeros_init()
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, weights_only: bool = False):
     features = _tuple(self.features)
     k = self.num_contract
     in_shape = x.shape[-k:]
@@ -43,12 +45,16 @@ class DenseGeneral(nn.Module):
         out_axis=tuple(range(k, len(kernel_shape))))
     kernel = self.param('kernel', nn.with_logical_partitioning(init, tuple(self.kernel_axes)),
                         kernel_shape, jnp.float32)
-    y = jax.lax.dot_general(
-        x.astype(self.dtype), kernel.astype(self.dtype),
-        (((tuple(range(x.ndim - k, x.ndim))), tuple(range(k))), ((), ())))
+    bias = None
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(
           self.bias_init, tuple(self.kernel_axes[k:])), features, jnp.float32)
+    if weights_only:
+      return kernel, bias
+    y = jax.lax.dot_general(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        (((tuple(range(x.ndim - k, x.ndim))), tuple(range(k))), ((), ())))
+    if bias is not None:
       y = y + bias.astype(self.dtype)
     return y
 

@@ -32,7 +32,6 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('heads', 'tensor'),
     ('vocab', 'tensor'),
     ('kv', None),
-    ('qkv', None),     # the 3 of a fused query/key/value projection
     ('norm', None),
     ('layers', None),
     # Small input-side dims that DESIGN.md's table does not name; replicated on purpose.

@@ -268,22 +268,27 @@ def test_remat_policy_names():
     remat_policy('some')
 
 
-def test_fused_qkv_equals_separate_projections():
-  """One [d, 3, n, h] projection is the three separate ones stacked on its second axis, and its
-  initialisation has their scale."""
+@pytest.mark.parametrize('use_bias', [True, False])
+def test_fused_qkv_is_the_separate_projections_in_one_matmul(use_bias):
+  """FUSED_QKV is a speed knob only: the same parameter tree, names, axes and initial draw as
+  the separate projections, the same outputs and gradients, and one q/k/v matmul instead of
+  three in the compiled step."""
   x = jax.random.normal(jax.random.key(0), (2, 7, 32))
-  separate = attentions.SelfAttention(num_heads=4, causal=True)
-  fused = attentions.SelfAttention(num_heads=4, causal=True, fused_qkv=True)
-  p = nn.unbox(separate.init(jax.random.key(1), x))['params']
-  boxed = fused.init(jax.random.key(1), x)['params']
-  assert boxed['qkv']['kernel'].names == ('embed', 'qkv', 'heads', 'kv')
-  q = nn.unbox(boxed)
-  assert q['qkv']['kernel'].shape == (32, 3, 4, 8)
-  np.testing.assert_allclose(q['qkv']['kernel'].std(), p['query']['kernel'].std(), rtol=0.15)
-  names = ('query', 'key', 'value')
-  q['qkv'] = {'kernel': jnp.stack([p[n]['kernel'] for n in names], axis=1),
-              'bias': jnp.stack([p[n]['bias'] + 0.1 * i for i, n in enumerate(names)])}
-  p = {**p, **{n: {'kernel': p[n]['kernel'], 'bias': p[n]['bias'] + 0.1 * i}
-               for i, n in enumerate(names)}}
-  q['out'] = p['out']
-  assert_close_f32(fused.apply({'params': q}, x), separate.apply({'params': p}, x))
+  separate = attentions.SelfAttention(num_heads=4, causal=True, use_bias=use_bias)
+  fused = attentions.SelfAttention(num_heads=4, causal=True, use_bias=use_bias, fused_qkv=True)
+  boxed_p = separate.init(jax.random.key(1), x)['params']
+  boxed_q = fused.init(jax.random.key(1), x)['params']
+  names = lambda tree: jax.tree.map(lambda b: b.names, tree,
+                                    is_leaf=lambda b: isinstance(b, nn.LogicallyPartitioned))
+  assert names(boxed_q) == names(boxed_p)
+  assert boxed_q['query']['kernel'].names == ('embed', 'heads', 'kv')
+  p, q = nn.unbox(boxed_p), nn.unbox(boxed_q)
+  jax.tree.map(np.testing.assert_array_equal, q, p)
+  if use_bias:  # nonzero biases, so that a bias added to the wrong third would show
+    p = {**p, **{n: {**p[n], 'bias': p[n]['bias'] + 0.1 * (i + 1)}
+                 for i, n in enumerate(('query', 'key', 'value'))}}
+  assert_close_f32(fused.apply({'params': p}, x), separate.apply({'params': p}, x))
+  loss = lambda m: lambda params: jnp.sum(jnp.sin(m.apply({'params': params}, x)))
+  jax.tree.map(assert_close_f32, jax.grad(loss(fused))(p), jax.grad(loss(separate))(p))
+  dots = lambda m: jax.jit(m.apply).lower({'params': p}, x).as_text().count('dot_general')
+  assert (dots(separate), dots(fused)) == (6, 4)  # q, k, v, scores, values, out
