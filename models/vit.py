@@ -37,6 +37,8 @@ class ViT(nn.Module):
   fused_qkv: bool = False
   pool: str = 'cls'                          # 'cls' (class token) | 'gap' (mean of patch tokens)
   stem: str = 'patch'                        # 'patch' (one p x p matmul) | 'conv' (ConvStem)
+  embed_margin: int = 0                      # stem 'patch': each token also embeds this many
+                                             # pixels of its neighbours on every side
 
   @nn.compact
   def __call__(self, x: jax.Array, return_features: bool = False):
@@ -47,8 +49,13 @@ class ViT(nn.Module):
       raise ValueError(f'image size {hh}x{ww} is not divisible by patch {self.patch}')
     if self.stem not in STEMS:
       raise ValueError(f'stem {self.stem!r}: use one of {STEMS}')
-    embed = PatchEmbed if self.stem == 'patch' else ConvStem
-    h = embed(self.patch, self.hidden, dtype=self.dtype, name=f'{self.stem}_embed')(x)
+    if self.stem == 'patch':
+      h = PatchEmbed(self.patch, self.hidden, dtype=self.dtype, margin=self.embed_margin,
+                     name='patch_embed')(x)
+    elif self.embed_margin:
+      raise ValueError(f'embed_margin {self.embed_margin} needs stem "patch", not {self.stem!r}')
+    else:
+      h = ConvStem(self.patch, self.hidden, dtype=self.dtype, name='conv_embed')(x)
     if h.shape[1] != (hh // self.patch) * (ww // self.patch):
       raise ValueError(f'the conv stem turns {hh}x{ww} pixels into {h.shape[1]} tokens, not the '
                        f'{(hh // self.patch) * (ww // self.patch)} of patch {self.patch}: use a '
@@ -78,7 +85,7 @@ STEMS = ('patch', 'conv')
 
 def flops_per_example(image_size: int, channels: int, patch: int, hidden: int, depth: int,
                       num_classes: int, mlp_ratio: float = 4.0, pool: str = 'cls',
-                      stem: str = 'patch', **_) -> int:
+                      stem: str = 'patch', embed_margin: int = 0, **_) -> int:
   """Forward matmul and convolution FLOPs for one image (2 per multiply-add)."""
   l, d = (image_size // patch) ** 2, hidden
   if stem == 'conv':   # layers.embeddings.ConvStem: n SAME 3x3 stride-2 convolutions, then 1x1
@@ -89,6 +96,6 @@ def flops_per_example(image_size: int, channels: int, patch: int, hidden: int, d
       c_in = c_out
     flops += 2 * l * c_in * d
   else:
-    flops = 2 * l * patch * patch * channels * d
+    flops = 2 * l * (patch + 2 * embed_margin) ** 2 * channels * d
   flops += depth * block_flops(l + (pool == 'cls'), d, int(d * mlp_ratio))
   return flops + 2 * d * num_classes

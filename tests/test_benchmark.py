@@ -158,6 +158,8 @@ def test_measure_matmul_tflops(dtype):
     ('DiT_T_Synthetic', []), ('ViT_T_Synthetic', []), ('GPT_T_Synthetic', []),
     # one block, so that the convolutional stem is ~17% of the count (the p x p patch's about 1%)
     ('ViT_T_FashionMNIST', ['STEM=conv', 'DEPTH=1']),
+    # 21x21 windows of 7-pixel patches: the embedding ~35% of the count, 9x the plain one's
+    ('ViT_T_FashionMNIST', ['EMBED_MARGIN=7', 'DEPTH=1']),
     # the decoder's 64 channels a pixel make its projection ~20% of one block's count
     ('DiT_T_FashionMNIST', ['DECODER_CONV=64', 'DECODER_OVERLAP=False', 'DEPTH=1']),
     # 14-pixel patches decoded as 28x28 blocks: the projection ~20% of the count, so a wrong
