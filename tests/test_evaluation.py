@@ -116,6 +116,25 @@ JUDGED = ['--set', 'FID_NUM=6', '--set', 'FID_EVERY=1', '--set', 'FID_BATCH=4',
           '--set', 'DENOISE_STEPS=2']
 
 
+def test_checkpoint_of_the_former_fused_qkv_layout_is_refused_with_what_to_do():
+  """Checkpoints saved with FUSED_QKV before 2026-12-03 hold one 'qkv' parameter where the
+  model now has 'query', 'key', 'value': the refusal says so instead of naming a missing key."""
+  import types
+  from trainer import restore
+  from trainer.state import TrainError
+  leaf = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  attn = lambda fused: ({'qkv': {'kernel': leaf(8, 3, 2, 4)}} if fused else
+                        {n: {'kernel': leaf(8, 2, 4)} for n in ('query', 'key', 'value')})
+  params = lambda fused: {'backbone': {'blocks': {'attn': attn(fused)}}}
+  abstract = types.SimpleNamespace(params=params(False), ema=None)
+  with pytest.raises(TrainError, match="one 'qkv' parameter, FUSED_QKV's layout before "
+                     "2026-12-03.*knobs that differ: none recorded"):
+    restore.check_compatible(5, {'experiment': 'DiT_T_FashionMNIST'}, {'params': params(True)},
+                             'DiT_T_FashionMNIST', {}, abstract, 'wd/checkpoints')
+  restore.check_compatible(5, {'experiment': 'DiT_T_FashionMNIST'}, {'params': params(False)},
+                           'DiT_T_FashionMNIST', {}, abstract, 'wd/checkpoints')
+
+
 def test_judge_loads_whichever_block_layout_it_was_trained_with(classifier, tmp_path_factory):
   """A judge saved with SCAN_LAYERS=False (as every classifier trained before the knob existed)
   is rebuilt with that layout from its checkpoint's record, whatever the experiment's default."""

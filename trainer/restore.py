@@ -84,7 +84,12 @@ def check_compatible(step, meta, saved, experiment, knobs, abstract, directory,
 
 def _layout_hint(here: dict, there: dict) -> str:
   """Names the SCAN_LAYERS setting that reads a checkpoint whose blocks are laid out the other
-  way (stacked under 'blocks', or one 'block<i>' each); '' when that is not the difference."""
+  way (stacked under 'blocks', or one 'block<i>' each), or the one 'qkv' parameter that
+  FUSED_QKV had until 2026-12-03; '' when neither is the difference."""
+  if any("['qkv']" in k for k in there) and not any("['qkv']" in k for k in here):
+    return ("its attention keeps q, k, v in one 'qkv' parameter, FUSED_QKV's layout before "
+            "2026-12-03 (FUSED_QKV now applies 'query', 'key', 'value' as one matmul): train "
+            "it again, or split each 'qkv' kernel and bias on their axis of 3 into those three")
   scanned = lambda shapes: any("['blocks']" in k for k in shapes)
   unrolled = lambda shapes: any("['block0']" in k for k in shapes)
   if scanned(there) and unrolled(here):
