@@ -26,11 +26,11 @@ class ViT(Experiment, abstract=True):
     super().validate()
     if self.IMAGE_SIZE % self.PATCH:
       raise ConfigError(f'IMAGE_SIZE={self.IMAGE_SIZE} is not divisible by PATCH={self.PATCH}')
-    if not 0 <= self.EMBED_MARGIN <= self.IMAGE_SIZE or (self.EMBED_MARGIN and
-                                                         self.STEM != 'patch'):
+    if not 0 <= self.EMBED_MARGIN <= self.IMAGE_SIZE:
       raise ConfigError(f'EMBED_MARGIN={self.EMBED_MARGIN}: the pixels each patch embedding '
-                        f'reaches into its neighbours, from 0 to IMAGE_SIZE={self.IMAGE_SIZE}, '
-                        f"with STEM='patch' (got {self.STEM!r})")
+                        f'reaches into its neighbours, from 0 to IMAGE_SIZE={self.IMAGE_SIZE}')
+    if self.EMBED_MARGIN and self.STEM != 'patch':
+      raise ConfigError(f"EMBED_MARGIN={self.EMBED_MARGIN} needs STEM='patch' (got {self.STEM!r})")
 
   def model(self):
     return fdl.Config(vit.ViT, image_size=self.IMAGE_SIZE, channels=self.CHANNELS,

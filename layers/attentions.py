@@ -46,8 +46,8 @@ def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
 class SelfAttention(nn.Module):
   """Self-attention with q/k/v projections 'query', 'key', 'value' [d, n, h] ('embed', 'heads',
   'kv'). `fused_qkv` applies the three as one matmul of three times the output width, their
-  kernels stacked [d, 3, n, h] on the fly: the same parameters, checkpoints and initial draw,
-  so it is a speed knob only.
+  kernels stacked [d, 3, n, h] on the fly (except for one-token calls): the same parameters,
+  checkpoints and initial draw, so it is a speed knob only.
 
   With `decode=True` keys and values go to a 'cache' collection of length `max_len`, taken from
   the input length at init (init with a [b, max_len, d] dummy). Each call then appends its l
@@ -75,8 +75,9 @@ class SelfAttention(nn.Module):
     proj = lambda name: DenseGeneral((n, h), ('embed', 'heads', 'kv'), use_bias=self.use_bias,
                                      kernel_init=normal_or_default(self.init_std),
                                      dtype=self.dtype, name=name)
-    if self.fused_qkv:
-      # stacking the kernels copies 3 d^2 floats a step, against the matmuls' 6 b l d^2 FLOPs
+    # stacking the kernels copies 3 d^2 floats a call, against the matmuls' 6 b l d^2 FLOPs: a
+    # decoding step of one token would copy the weights to read them once, so it keeps three
+    if self.fused_qkv and l > 1:
       weights = [proj(name)(x, weights_only=True) for name in ('query', 'key', 'value')]
       kernel = jnp.stack([w for w, _ in weights], axis=1)                  # [d, 3, n, h]
       qkv = jnp.einsum('bld,dtnh->bltnh', x.astype(self.dtype), kernel.astype(self.dtype))

@@ -87,8 +87,10 @@ def test_dotted_override_and_literal_parsing():
      'the input size 28'),
     ('ViT_T_FashionMNIST', ['STEM=hybrid'], "STEM='hybrid': use one of 'patch', 'conv'"),
     ('ViT_T_FashionMNIST', ['EMBED_MARGIN=2', 'STEM=conv'],
-     "EMBED_MARGIN=2: the pixels each patch embedding reaches into its neighbours, from 0 to "
-     "IMAGE_SIZE=28, with STEM='patch' (got 'conv')"),
+     "EMBED_MARGIN=2 needs STEM='patch' (got 'conv')"),
+    ('ViT_T_FashionMNIST', ['EMBED_MARGIN=29'],
+     'EMBED_MARGIN=29: the pixels each patch embedding reaches into its neighbours, from 0 to '
+     'IMAGE_SIZE=28'),
     ('DiT_T_Synthetic', ['LR_SCHEDULE=linear'], "LR_SCHEDULE='linear': use one of 'constant', "
      "'cosine'"),
 ])

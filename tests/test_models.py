@@ -279,6 +279,11 @@ def test_dit_patch_embed_margin_is_a_centred_strided_convolution(p, margin):
   delta = np.abs(np.asarray(plain.apply({'params': plain_params}, jnp.asarray(moved)))
                  - np.asarray(plain.apply({'params': plain_params}, jnp.asarray(x)))).max(-1)
   assert delta[:, 0].min() > 0 and delta[:, 1:].max() == 0
+  if margin * 2 == p:  # windows twice the patch read what the overlapping decoder writes
+    from layers.embeddings import unpatchify_overlapping
+    y = np.random.default_rng(1).normal(size=got.shape).astype(np.float32)
+    np.testing.assert_allclose(np.vdot(unpatchify_overlapping(jnp.asarray(y), p, gh * p, gw * p),
+                                       x), np.vdot(y, got), rtol=1e-5)
 
 
 def test_gpt2_small_parameter_count():
