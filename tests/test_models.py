@@ -331,8 +331,9 @@ def test_gpt_padded_vocab_and_chunked_loss_match_plain(tie):
   np.testing.assert_array_equal(pad_rows, 0)
 
 
-def test_gpt_kv_cache_matches_full_forward():
-  model = gpt.GPT(vocab_size=64, max_len=32, hidden=32, depth=2, heads=4)
+@pytest.mark.parametrize('fused_qkv', [False, True])   # fused: prefill stacks, steps do not
+def test_gpt_kv_cache_matches_full_forward(fused_qkv):
+  model = gpt.GPT(vocab_size=64, max_len=32, hidden=32, depth=2, heads=4, fused_qkv=fused_qkv)
   tokens = jax.random.randint(jax.random.key(0), (2, 24), 0, 64)
   params = jax.jit(lambda r: nn.unbox(model.init(r, tokens))['params'])(jax.random.key(1))
   full = jax.jit(lambda p: model.apply({'params': p}, tokens))(params)                          # [2, 24, 64]
