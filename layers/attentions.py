@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from layers import matmuls
 from layers.linears import DenseGeneral, normal_or_default
 from layers.sharding import shard
 
@@ -32,7 +33,7 @@ def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
         q, k, v, mask=mask, scale=scale, is_causal=causal,
         implementation=None if impl == 'auto' else impl)
     return out
-  logits = jnp.einsum('blnh,bsnh->bnls', q, k, preferred_element_type=jnp.float32) * scale
+  logits = matmuls.einsum('blnh,bsnh->bnls', q, k, q.dtype, out_dtype=jnp.float32) * scale
   if causal:
     l, s = logits.shape[-2:]
     causal_mask = jnp.arange(l)[:, None] >= jnp.arange(s)[None, :]
@@ -40,7 +41,7 @@ def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
   if mask is not None:
     logits = jnp.where(mask, logits, _MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('bnls,bsnh->blnh', probs, v)
+  return matmuls.einsum('bnls,bsnh->blnh', probs, v, v.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -80,9 +81,8 @@ class SelfAttention(nn.Module):
     if self.fused_qkv and l > 1:
       weights = [proj(name)(x, weights_only=True) for name in ('query', 'key', 'value')]
       kernel = jnp.stack([w for w, _ in weights], axis=1)                  # [d, 3, n, h]
-      qkv = jnp.einsum('bld,dtnh->bltnh', x.astype(self.dtype), kernel.astype(self.dtype))
-      if self.use_bias:
-        qkv = qkv + jnp.stack([bias for _, bias in weights]).astype(self.dtype)
+      bias = jnp.stack([bias for _, bias in weights]) if self.use_bias else None   # [3, n, h]
+      qkv = matmuls.einsum('bld,dtnh->bltnh', x, kernel, self.dtype, bias=bias)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]                    # [b, l, n, h]
     else:
       q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)         # [b, l, n, h]

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from layers import matmuls
 from layers.convolutions import Conv
 from layers.linears import Dense
 from layers.mlps import gelu_tanh
@@ -62,7 +63,8 @@ class Embed(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """[..., d] -> [..., v] logits against the table."""
-    return jnp.einsum('...d,vd->...v', x, self.embedding.astype(self.dtype))
+    logits = matmuls.einsum('td,vd->tv', x.reshape(-1, x.shape[-1]), self.embedding, self.dtype)
+    return logits.reshape(*x.shape[:-1], self.num_embeddings)
 
 
 class PositionEmbed(nn.Module):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from layers import matmuls
 from layers.convolutions import Conv
 from layers.embeddings import unpatchify, unpatchify_overlapping
 from layers.linears import Dense
@@ -76,8 +77,8 @@ class FinalAdaLN(nn.Module):
 def vocab_logits(h, table, vocab_size: int, dtype=jnp.float32):
   """h [..., d] against an output table [v_padded, d] -> float32 logits [..., v_padded] whose
   padding columns (ids >= vocab_size) are -inf: no padding id is ever predicted or sampled."""
-  logits = jnp.einsum('...d,vd->...v', h.astype(dtype), table.astype(dtype),
-                      preferred_element_type=jnp.float32)
+  logits = matmuls.einsum('td,vd->tv', h.reshape(-1, h.shape[-1]), table, dtype,
+                          out_dtype=jnp.float32).reshape(*h.shape[:-1], table.shape[0])
   if table.shape[0] > vocab_size:
     logits = jnp.where(jnp.arange(table.shape[0]) < vocab_size, logits, -jnp.inf)
   return logits

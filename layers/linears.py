@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from layers import matmuls
+
 Initializer = nn.initializers.Initializer
 
 
@@ -51,12 +53,8 @@ class DenseGeneral(nn.Module):
           self.bias_init, tuple(self.kernel_axes[k:])), features, jnp.float32)
     if weights_only:
       return kernel, bias
-    y = jax.lax.dot_general(
-        x.astype(self.dtype), kernel.astype(self.dtype),
-        (((tuple(range(x.ndim - k, x.ndim))), tuple(range(k))), ((), ())))
-    if bias is not None:
-      y = y + bias.astype(self.dtype)
-    return y
+    return matmuls.einsum(matmuls.dense_spec(x.ndim, k, kernel.ndim), x, kernel, self.dtype,
+                          bias=bias)
 
 
 def normal_or_default(std: float) -> Initializer | None:

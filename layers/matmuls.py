@@ -1,0 +1,124 @@
+"""Two-operand einsums that run 16-bit matmuls on XLA CPU's native bfloat16 kernels.
+
+XLA's CPU backend runs a bfloat16 dot natively only when the dot returns float32
+(`preferred_element_type`); a bfloat16 x bfloat16 -> bfloat16 dot, and a dot that mixes a
+float32 operand with a bfloat16 one, it converts to float32 first and runs at the float32 rate
+(docs/PERFORMANCE.md: 2.2x slower on an AVX512-BF16 CPU). Autodiff of a float32-returning dot
+gives exactly the mixed kind: its transposes take the float32 cotangent. `einsum` therefore has
+a written-out backward pass in which each matmul takes 16-bit operands, accumulates in float32
+and rounds its result once to the compute dtype. A bias is added to the float32 accumulator in
+the same op, so its gradient is a float32 sum too (a sum of the 16-bit cotangent is what XLA's
+CPU backend otherwise turns into a slow windowed reduction).
+
+Accelerators accumulate 16-bit matmuls in float32 anyway, so there the plain dot computes the
+same and `einsum` keeps it; `cpu_kernels` decides (None: on the CPU backend only). Float32
+operands always take the plain path.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, dtype=jnp.float32, *, bias=None,
+           out_dtype=None, cpu_kernels: bool | None = None) -> jax.Array:
+  """einsum(spec, a, b) + bias with both operands cast to `dtype`, accumulated in float32 and
+  returned in `out_dtype` (default `dtype`); `bias` broadcasts against the output's trailing
+  axes. `spec` names every axis by a letter, with no '...', and every letter of an operand
+  appears in the other operand or the output (a matmul: no traces, no axis summed within one
+  operand), so that each operand's gradient is again such an einsum.
+  """
+  dtype = jnp.dtype(dtype)
+  out_dtype = jnp.dtype(out_dtype or dtype)
+  a, b = a.astype(dtype), b.astype(dtype)
+  if cpu_kernels is None:
+    cpu_kernels = jax.default_backend() == 'cpu'
+  if dtype.itemsize >= 4 or not cpu_kernels:
+    y = jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
+    return y if bias is None else y + bias.astype(out_dtype)
+  x_letters, y_letters, out = _parse(spec)
+  if bias is None:
+    return _einsum_f32_accumulate(spec, out_dtype, a, b)
+  if bias.ndim > len(out):
+    raise ValueError(f'bias of shape {bias.shape} has more axes than the output of {spec!r}')
+  return _einsum_bias_f32_accumulate(spec, out_dtype, a, b, bias)
+
+
+def _parse(spec: str) -> tuple[str, str, str]:
+  inputs, _, out = spec.replace(' ', '').partition('->')
+  operands = inputs.split(',')
+  if '.' in spec or not out or len(operands) != 2:
+    raise ValueError(f'einsum spec {spec!r}: write two operands and the output with one letter '
+                     "per axis (no '...', no implicit output)")
+  x, y = operands
+  for name, mine, other in (('first', x, y), ('second', y, x)):
+    lonely = sorted(set(mine) - set(other) - set(out))
+    if lonely or len(set(mine)) != len(mine):
+      raise ValueError(f'einsum spec {spec!r}: the {name} operand sums axes {lonely} on its own '
+                       'or repeats a letter; only matmul-like specs have einsum gradients')
+  return x, y, out
+
+
+def _dot(spec, x, y):
+  return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+
+
+def _operand_grads(spec, a, b, g):
+  x, y, out = _parse(spec)
+  if set(x) & set(y) & set(out):
+    # a batched matmul (attention's): XLA CPU hands some of its transposes to a kernel without
+    # bfloat16 x bfloat16 -> float32, which fails at run time; float32 operands run everywhere
+    a32, b32, g = a.astype(jnp.float32), b.astype(jnp.float32), g.astype(jnp.float32)
+  else:
+    a32, b32, g = a, b, g.astype(a.dtype)   # 16-bit cotangent: a native kernel again
+  return (_dot(f'{out},{y}->{x}', g, b32).astype(a.dtype),
+          _dot(f'{x},{out}->{y}', a32, g).astype(b.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _einsum_f32_accumulate(spec, out_dtype, a, b):
+  return _dot(spec, a, b).astype(out_dtype)
+
+
+def _forward(spec, out_dtype, a, b):
+  return _dot(spec, a, b).astype(out_dtype), (a, b)
+
+
+def _backward(spec, out_dtype, saved, g):
+  return _operand_grads(spec, *saved, g)
+
+
+_einsum_f32_accumulate.defvjp(_forward, _backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _einsum_bias_f32_accumulate(spec, out_dtype, a, b, bias):
+  return (_dot(spec, a, b) + bias.astype(jnp.float32)).astype(out_dtype)
+
+
+def _bias_forward(spec, out_dtype, a, b, bias):
+  return _einsum_bias_f32_accumulate(spec, out_dtype, a, b, bias), (a, b, bias)
+
+
+def _bias_backward(spec, out_dtype, saved, g):
+  a, b, bias = saved
+  lead = g.ndim - bias.ndim
+  axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(bias.shape) if n == 1)
+  bias_grad = jnp.sum(g, axis=axes, dtype=jnp.float32).reshape(bias.shape).astype(bias.dtype)
+  return (*_operand_grads(spec, a, b, g), bias_grad)
+
+
+_einsum_bias_f32_accumulate.defvjp(_bias_forward, _bias_backward)
+
+
+def dense_spec(x_ndim: int, num_contract: int, kernel_ndim: int) -> str:
+  """The einsum spec of x [..., k contracted] . kernel [k contracted, outputs...]."""
+  letters = 'abcdefghijklmnopqrstuvwxyz'
+  if x_ndim + kernel_ndim - num_contract > len(letters):
+    raise ValueError(f'too many axes for one einsum: x {x_ndim}, kernel {kernel_ndim}')
+  batch = x_ndim - num_contract
+  lead, contract = letters[:batch], letters[batch:x_ndim]
+  outs = letters[x_ndim:x_ndim + kernel_ndim - num_contract]
+  return f'{lead}{contract},{contract}{outs}->{lead}{outs}'

@@ -1,0 +1,120 @@
+"""layers/matmuls.py: the 16-bit einsum with float32 accumulation and its written-out gradients."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from layers import matmuls
+from layers.linears import DenseGeneral
+
+BF16 = jnp.bfloat16
+
+
+def _bf16(x):
+  """float32 values exactly representable in bfloat16, so that casting loses nothing."""
+  return np.asarray(jnp.asarray(x, BF16).astype(jnp.float32))
+
+
+CASES = [   # spec, shapes; dense (unbatched) and attention-like (batched)
+    ('bld,de->ble', (2, 5, 8), (8, 6)),
+    ('bld,dnh->blnh', (2, 5, 8), (8, 3, 4)),
+    ('blnh,bsnh->bnls', (2, 5, 3, 4), (2, 7, 3, 4)),
+    ('bnls,bsnh->blnh', (2, 3, 5, 7), (2, 7, 3, 4)),
+]
+
+
+@pytest.mark.parametrize('spec,sa,sb', CASES)
+def test_bf16_einsum_and_gradients_match_numpy(spec, sa, sb):
+  rng = np.random.default_rng(0)
+  a, b = _bf16(rng.normal(size=sa)), _bf16(rng.normal(size=sb))
+  x, y, out = re.split(',|->', spec)
+  g = _bf16(rng.normal(size=np.einsum(spec, a, b).shape))
+
+  def loss(a, b):
+    return jnp.sum(matmuls.einsum(spec, a, b, BF16, cpu_kernels=True).astype(jnp.float32) * g)
+
+  value = matmuls.einsum(spec, a, b, BF16, cpu_kernels=True)
+  assert value.dtype == BF16
+  # float32 accumulation, one rounding to bfloat16 at the end (relative 2^-8)
+  np.testing.assert_allclose(value.astype(np.float32), np.einsum(spec, a, b), rtol=1e-2, atol=1e-2)
+  da, db = jax.grad(loss, argnums=(0, 1))(a, b)
+  np.testing.assert_allclose(da, np.einsum(f'{out},{y}->{x}', g, b), rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(db, np.einsum(f'{x},{out}->{y}', a, g), rtol=1e-2, atol=1e-2)
+
+
+def test_bias_and_its_gradient_are_float32_sums():
+  rng = np.random.default_rng(1)
+  a, b = _bf16(rng.normal(size=(3, 4, 8))), _bf16(rng.normal(size=(8, 2, 5)))
+  bias = rng.normal(size=(1, 5)).astype(np.float32)    # broadcast over the output's [2, 5]
+  g = _bf16(rng.normal(size=(3, 4, 2, 5)))
+  f = lambda a, b, bias: jnp.sum(matmuls.einsum('bld,dnh->blnh', a, b, BF16, bias=bias,
+                                                cpu_kernels=True).astype(jnp.float32) * g)
+  da, db, dbias = jax.grad(f, argnums=(0, 1, 2))(a, b, bias)
+  assert dbias.dtype == jnp.float32 and dbias.shape == (1, 5)
+  np.testing.assert_allclose(dbias, g.sum((0, 1, 2))[None], rtol=1e-6, atol=1e-5)
+  np.testing.assert_allclose(da, np.einsum('blnh,dnh->bld', g, b), rtol=1e-2, atol=1e-2)
+  ref = np.einsum('bld,dnh->blnh', a, b) + bias
+  out = matmuls.einsum('bld,dnh->blnh', a, b, BF16, bias=bias, cpu_kernels=True)
+  np.testing.assert_allclose(out.astype(np.float32), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_float32_and_accelerator_paths_are_the_plain_einsum():
+  rng = np.random.default_rng(2)
+  a, b = rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(8, 3)).astype(np.float32)
+  plain = jnp.einsum('md,de->me', a, b)
+  np.testing.assert_array_equal(matmuls.einsum('md,de->me', a, b), plain)
+  # bfloat16 without the CPU kernels: the dot XLA is given is the plain bf16 x bf16 -> bf16 one
+  hlo = jax.jit(lambda a, b: matmuls.einsum('md,de->me', a, b, BF16, cpu_kernels=False)
+                ).lower(a, b).as_text()
+  assert re.search(r'dot_general.*-> tensor<4x3xbf16>', hlo), hlo
+
+
+def test_bf16_dense_compiles_to_native_bf16_dots_only():
+  """The point of the module: in the compiled forward and backward passes of a bfloat16 Dense
+  every dot takes bfloat16 operands and returns float32 (the form XLA CPU runs natively), and
+  none takes float32 operands (a dot XLA CPU had widened)."""
+  layer = DenseGeneral(16, ('embed', 'mlp'), dtype=BF16)
+  x = jnp.ones((4, 8, 32), jnp.float32)
+  params = layer.init(jax.random.key(0), x)
+  loss = lambda p, x: jnp.sum(layer.apply(p, x).astype(jnp.float32) ** 2)
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+  dots = re.findall(r'= (\w+)\[[^\]]*\][^ ]* dot\((%[^,]+), (%[^)]+)\)', hlo)
+  assert len(dots) == 3, dots    # forward, the kernel's and the input's gradients
+  types = dict(re.findall(r'(%\S+) = (\w+)\[', hlo))
+  for out_type, lhs, rhs in dots:
+    assert (out_type, types[lhs], types[rhs]) == ('f32', 'bf16', 'bf16'), (out_type, lhs, rhs)
+
+
+def test_bf16_dense_matches_float32_dense_within_bf16_rounding():
+  x = jax.random.normal(jax.random.key(1), (4, 8, 32))
+  f32 = DenseGeneral((2, 8), ('embed', 'heads', 'kv'))
+  bf16 = DenseGeneral((2, 8), ('embed', 'heads', 'kv'), dtype=BF16)
+  params = nn.unbox(f32.init(jax.random.key(0), x))
+  loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply(p, x).astype(jnp.float32)))
+  (l32, g32), (l16, g16) = (jax.value_and_grad(loss(m))(params) for m in (f32, bf16))
+  np.testing.assert_allclose(l16, l32, rtol=2e-2)
+  for k in ('kernel', 'bias'):
+    ref = g32['params'][k]
+    err = jnp.abs(g16['params'][k] - ref).max() / jnp.abs(ref).max()
+    assert err < 2e-2, (k, float(err))
+
+
+@pytest.mark.parametrize('spec,message', [
+    ('...d,vd->...v', "no '...'"),
+    ('md,de', 'no implicit output'),
+    ('mdk,de->me', 'sums axes'),
+    ('mm,mn->n', 'repeats a letter'),
+])
+def test_specs_without_einsum_gradients_are_refused(spec, message):
+  with pytest.raises(ValueError, match=re.escape(message)):   # checked before any shape
+    matmuls.einsum(spec, jnp.ones((2, 2)), jnp.ones((2, 2)), BF16, cpu_kernels=True)
+
+
+def test_dense_spec():
+  assert matmuls.dense_spec(3, 1, 2) == 'abc,cd->abd'
+  assert matmuls.dense_spec(4, 2, 3) == 'abcd,cde->abe'
+  x, k = np.ones((2, 3, 4, 5)), np.ones((4, 5, 6))
+  assert np.einsum(matmuls.dense_spec(4, 2, 3), x, k).shape == (2, 3, 6)
