@@ -112,7 +112,10 @@ class Backbone(nn.Module):
   (params['blocks'][...] of shape [depth, ...] instead of params['block0'] ... ['block{depth-1}']),
   and the program holds one block body, so compile time does not grow with depth. It also keeps
   XLA from fusing the backward pass across blocks, which on CPU duplicates elementwise work
-  quadratically in depth.
+  quadratically in depth. `scan_unroll` blocks run in each iteration of the scan's loop (depth:
+  no loop at all): the same stacked parameters and the same function, with compile time growing
+  with the unroll instead; on CPU in bfloat16 the loop's bookkeeping costs more than the
+  blocks' compute at small depths (docs/PERFORMANCE.md).
   """
   depth: int
   num_heads: int
@@ -123,6 +126,7 @@ class Backbone(nn.Module):
   attention_impl: str = 'einsum'
   remat: str | bool = 'none'
   scan: bool = False
+  scan_unroll: int = 1
   decode: bool = False
   dtype: jnp.dtype = jnp.float32
   residual_dtype: jnp.dtype = jnp.float32
@@ -139,13 +143,19 @@ class Backbone(nn.Module):
     fields = (self.num_heads, self.mlp_ratio, self.causal, self.conditioned, self.norm_eps,
               self.attention_impl, self.decode, self.dtype, self.residual_dtype, self.fused_qkv,
               self.init_std, self.init_std / (2 * self.depth) ** 0.5)
+    if self.scan_unroll < 1:
+      raise ValueError(f'scan_unroll={self.scan_unroll} must be at least 1')
+    if self.scan_unroll > 1 and not self.scan:
+      raise ValueError(f'scan_unroll={self.scan_unroll} applies to a scanned backbone: set '
+                       'scan=True, or leave scan_unroll at 1')
     if self.scan:
       block_cls = _ScanBlock
       if recompute:
         block_cls = nn.remat(block_cls, prevent_cse=False, policy=policy)
       stack = nn.scan(block_cls, variable_axes={'params': 0, 'cache': 0},
                       split_rngs={'params': True}, in_axes=nn.broadcast, length=self.depth,
-                      metadata_params={nn.PARTITION_NAME: 'layers'})
+                      metadata_params={nn.PARTITION_NAME: 'layers'},
+                      unroll=min(self.scan_unroll, self.depth))
       x, _ = stack(*fields, name='blocks')(x, c)
       return x
     block_cls = nn.remat(Block, prevent_cse=True, policy=policy) if recompute else Block

@@ -33,6 +33,7 @@ class DiT(nn.Module):
   attention_impl: str = 'einsum'
   remat: str | bool = False
   scan_layers: bool = False
+  scan_unroll: int = 1
   dtype: jnp.dtype = jnp.float32
   residual_dtype: jnp.dtype = jnp.float32   # the blocks' residual stream (layers/transformers)
   fused_qkv: bool = False
@@ -61,6 +62,7 @@ class DiT(nn.Module):
     cond = shard(cond, ('act_batch', 'act_embed'))                                   # [b, d]
     h = Backbone(self.depth, self.heads, self.mlp_ratio, conditioned=True,
                  attention_impl=self.attention_impl, remat=self.remat, scan=self.scan_layers,
+                 scan_unroll=self.scan_unroll,
                  residual_dtype=self.residual_dtype, fused_qkv=self.fused_qkv,
                  dtype=self.dtype, name='backbone')(h, cond)
     out = FinalAdaLN(self.patch, c, hh, ww, conv_features=self.decoder_conv,

@@ -41,6 +41,7 @@ class GPT(nn.Module):
   attention_impl: str = 'einsum'
   remat: str | bool = False
   scan_layers: bool = False
+  scan_unroll: int = 1
   decode: bool = False
   dtype: jnp.dtype = jnp.float32
   residual_dtype: jnp.dtype = jnp.float32   # the blocks' residual stream (layers/transformers)
@@ -73,6 +74,7 @@ class GPT(nn.Module):
     h = shard(h, ('act_batch', 'act_len', 'act_embed'))
     h = Backbone(self.depth, self.heads, self.mlp_ratio, causal=True, norm_eps=1e-5,
                  attention_impl=self.attention_impl, remat=self.remat, scan=self.scan_layers,
+                 scan_unroll=self.scan_unroll,
                  residual_dtype=self.residual_dtype, fused_qkv=self.fused_qkv,
                  init_std=self.init_std, decode=self.decode, dtype=self.dtype,
                  name='backbone')(h)

@@ -32,6 +32,7 @@ class ViT(nn.Module):
   attention_impl: str = 'einsum'
   remat: str | bool = False
   scan_layers: bool = False
+  scan_unroll: int = 1
   dtype: jnp.dtype = jnp.float32
   residual_dtype: jnp.dtype = jnp.float32   # the blocks' residual stream (layers/transformers)
   fused_qkv: bool = False
@@ -69,7 +70,8 @@ class ViT(nn.Module):
       h = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.hidden)), h], 1)
     h = shard(h, ('act_batch', 'act_len', 'act_embed'))           # [b, l+1, d] or gap's [b, l, d]
     h = Backbone(self.depth, self.heads, self.mlp_ratio, attention_impl=self.attention_impl,
-                 remat=self.remat, scan=self.scan_layers, residual_dtype=self.residual_dtype,
+                 remat=self.remat, scan=self.scan_layers, scan_unroll=self.scan_unroll,
+                 residual_dtype=self.residual_dtype,
                  fused_qkv=self.fused_qkv, dtype=self.dtype, name='backbone')(h)
     pooled = h[:, 0] if self.pool == 'cls' else h.astype(jnp.float32).mean(1).astype(self.dtype)
     out = ClassifierHead(self.num_classes, dtype=self.dtype, name='head')(

@@ -192,3 +192,13 @@ def test_two_processes_save_one_restores(mesh, tmp_path):
   assert meta == {'processes': 2}
   np.testing.assert_array_equal(restored['w'], np.arange(16 * 8, dtype=np.float32).reshape(16, 8))
   ckpt.close()
+
+
+def test_save_error_keeps_the_os_reason_of_a_long_message():
+  from trainer.checkpoint import _reason
+  spec = '{"driver":"zarr",' + '"x":1,' * 100
+  long = ValueError(f'Error writing "a/b": {spec} [os_error_code=27] File too large {spec}')
+  line = _reason(long)
+  assert line.startswith('File too large: Error writing') and ' ... ' in line and len(line) < 440
+  assert _reason(OSError('No space left on device')) == 'No space left on device'
+  assert _reason(RuntimeError('x' * 500)) == 'x' * 200 + ' ... ' + 'x' * 200   # no OS reason

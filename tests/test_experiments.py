@@ -93,6 +93,9 @@ def test_dotted_override_and_literal_parsing():
      'IMAGE_SIZE=28'),
     ('DiT_T_Synthetic', ['LR_SCHEDULE=linear'], "LR_SCHEDULE='linear': use one of 'constant', "
      "'cosine'"),
+    ('ViT_T_Synthetic', ['SCAN_LAYERS=False', 'SCAN_UNROLL=2'],
+     'SCAN_UNROLL=2 unrolls the scan over the blocks: it needs SCAN_LAYERS=True'),
+    ('GPT_T_Synthetic', ['SCAN_UNROLL=0'], 'SCAN_UNROLL=0 must be at least 1'),
 ])
 def test_config_errors_name_the_problem(name, overrides, message):
   with pytest.raises(base.ConfigError) as e:

@@ -230,17 +230,19 @@ def test_make_mesh_errors_name_numbers():
     sharding.make_mesh({'model': 2})
 
 
-@pytest.mark.parametrize('scan,remat', [
-    (False, 'full'), (False, 'dots_saveable'), (True, 'none'), (True, 'dots_saveable'),
-    (True, 'dots_with_no_batch_dims_saveable'), (True, True)])
-def test_scanned_and_remat_backbones_match_plain(scan, remat):
+@pytest.mark.parametrize('scan,remat,unroll', [
+    (False, 'full', 1), (False, 'dots_saveable', 1), (True, 'none', 1), (True, 'dots_saveable', 1),
+    (True, 'dots_with_no_batch_dims_saveable', 1), (True, True, 1), (True, 'none', 3),
+    (True, 'full', 2)])
+def test_scanned_and_remat_backbones_match_plain(scan, remat, unroll):
   """Every fast path gives the plain unrolled backbone's loss and gradients; the scanned one's
   parameters are the plain ones stacked on a leading 'layers' axis (stack_blocks)."""
   from layers.transformers import Backbone, stack_blocks, unstack_blocks
   x = jax.random.normal(jax.random.key(0), (2, 5, 16))
   c = jax.random.normal(jax.random.key(1), (2, 16))
   plain = Backbone(depth=3, num_heads=2, conditioned=True)
-  fast = Backbone(depth=3, num_heads=2, conditioned=True, remat=remat, scan=scan)
+  fast = Backbone(depth=3, num_heads=2, conditioned=True, remat=remat, scan=scan,
+                  scan_unroll=unroll)
   params = nn.unbox(plain.init(jax.random.key(2), x, c))['params']
   params = jax.tree.map(lambda p: p + 0.05, params)     # leave adaLN-Zero's identity start
   fast_params = stack_blocks(params, 3) if scan else params
@@ -257,6 +259,23 @@ def test_scanned_and_remat_backbones_match_plain(scan, remat):
   # recomputation and the loop body fuse differently: the same math, other rounding (and
   # key-bias gradients that are zero in exact arithmetic come out as rounding noise)
   assert_trees_close_f32(g2, stack_blocks(g1, 3) if scan else g1)
+
+
+def test_scan_unroll_removes_the_loop_and_keeps_the_stacked_parameters():
+  from layers.transformers import Backbone
+  x = jnp.ones((2, 5, 16))
+  loops = {}
+  for unroll in (1, 2, 4):
+    m = Backbone(depth=4, num_heads=2, scan=True, scan_unroll=unroll)
+    params = m.init(jax.random.key(0), x)
+    assert nn.unbox(params)['params']['blocks']['mlp']['wi']['kernel'].shape == (4, 16, 64)
+    hlo = jax.jit(lambda p: m.apply(p, x)).lower(params).compile().as_text()
+    loops[unroll] = ' while(' in hlo
+  assert loops == {1: True, 2: True, 4: False}, loops   # unroll = depth: no loop at all
+  with pytest.raises(ValueError, match='scan_unroll=2 applies to a scanned backbone'):
+    Backbone(depth=4, num_heads=2, scan_unroll=2).init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match='scan_unroll=0 must be at least 1'):
+    Backbone(depth=4, num_heads=2, scan=True, scan_unroll=0).init(jax.random.key(0), x)
 
 
 def test_remat_policy_names():

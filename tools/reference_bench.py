@@ -119,7 +119,7 @@ OURS = {   # family -> (experiment, knobs that give it the reference's shape and
 
 # Our knobs that change the step's speed, copied into the result (those an experiment lacks are
 # left out).
-REPORTED_KNOBS = ('ATTENTION_IMPL', 'REMAT', 'SCAN_LAYERS', 'FUSED_QKV', 'RESIDUAL_DTYPE',
+REPORTED_KNOBS = ('ATTENTION_IMPL', 'REMAT', 'SCAN_LAYERS', 'SCAN_UNROLL', 'FUSED_QKV', 'RESIDUAL_DTYPE',
                   'TIE_EMBEDDINGS', 'VOCAB_MULTIPLE', 'LOSS_CHUNK')
 
 

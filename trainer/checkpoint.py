@@ -46,6 +46,22 @@ _IO_ERROR = re.compile(r'os_error_code|PERMISSION_DENIED|RESOURCE_EXHAUSTED|Erro
                        r'No space left|File too large|Read-only file system')
 
 
+# What the OS said, when a storage library's message hides it among a long spec
+_OS_REASON = re.compile(r'No space left on device|File too large|Permission denied|'
+                        r'Read-only file system|Disk quota exceeded')
+
+
+def _reason(e: BaseException) -> str:
+  """The first line of a failed write's message, cut to 400 characters, and the OS's reason
+  in front of it when the cut would drop it."""
+  line = str(e).splitlines()[0] if str(e) else type(e).__name__
+  if len(line) <= 400:
+    return line
+  short = f'{line[:200]} ... {line[-200:]}'
+  reason = _OS_REASON.search(str(e))
+  return f'{reason.group(0)}: {short}' if reason and reason.group(0) not in short else short
+
+
 class SaveError(OSError):
   """A checkpoint could not be written (disk full, no permission, ...); earlier ones are intact."""
 
@@ -147,8 +163,7 @@ class Checkpointer:
       step = self._last_saved if step is None else step   # an async save failing late
       intact = [s for s in self.all_steps() if s != step]
       what = 'the checkpoint' if step is None else f'the checkpoint of step {step}'
-      line = str(e).splitlines()[0] if str(e) else type(e).__name__
-      line = line if len(line) <= 400 else f'{line[:200]} ... {line[-200:]}'
+      line = _reason(e)
       raise SaveError(
           f'writing {what} to {self.directory} failed ({line}); '
           f'{f"steps {intact} are intact" if intact else "no earlier checkpoint exists"}. '
