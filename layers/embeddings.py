@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from layers import matmuls
 from layers.convolutions import Conv
 from layers.linears import Dense
 from layers.mlps import gelu_tanh
@@ -63,8 +62,7 @@ class Embed(nn.Module):
 
   def attend(self, x: jax.Array) -> jax.Array:
     """[..., d] -> [..., v] logits against the table."""
-    logits = matmuls.einsum('td,vd->tv', x.reshape(-1, x.shape[-1]), self.embedding, self.dtype)
-    return logits.reshape(*x.shape[:-1], self.num_embeddings)
+    return jnp.einsum('...d,vd->...v', x, self.embedding.astype(self.dtype))
 
 
 class PositionEmbed(nn.Module):

@@ -77,8 +77,8 @@ class FinalAdaLN(nn.Module):
 def vocab_logits(h, table, vocab_size: int, dtype=jnp.float32):
   """h [..., d] against an output table [v_padded, d] -> float32 logits [..., v_padded] whose
   padding columns (ids >= vocab_size) are -inf: no padding id is ever predicted or sampled."""
-  logits = matmuls.einsum('td,vd->tv', h.reshape(-1, h.shape[-1]), table, dtype,
-                          out_dtype=jnp.float32).reshape(*h.shape[:-1], table.shape[0])
+  lead = 'abcefghijk'[:h.ndim - 1]
+  logits = matmuls.einsum(f'{lead}d,vd->{lead}v', h, table, dtype, out_dtype=jnp.float32)
   if table.shape[0] > vocab_size:
     logits = jnp.where(jnp.arange(table.shape[0]) < vocab_size, logits, -jnp.inf)
   return logits

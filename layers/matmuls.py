@@ -6,13 +6,16 @@ float32 operand with a bfloat16 one, it converts to float32 first and runs at th
 (docs/PERFORMANCE.md: 2.2x slower on an AVX512-BF16 CPU). Autodiff of a float32-returning dot
 gives exactly the mixed kind: its transposes take the float32 cotangent. `einsum` therefore has
 a written-out backward pass in which each matmul takes 16-bit operands, accumulates in float32
-and rounds its result once to the compute dtype. A bias is added to the float32 accumulator in
+and rounds its result once to the compute dtype; the cotangent of a float32 output (attention
+scores, vocabulary logits) is rounded to 16 bits before its two matmuls, as mixed-precision
+training rounds what flows into a 16-bit matmul. A bias is added to the float32 accumulator in
 the same op, so its gradient is a float32 sum too (a sum of the 16-bit cotangent is what XLA's
-CPU backend otherwise turns into a slow windowed reduction).
+CPU backend otherwise turns into a slow windowed reduction). The op's output is named for
+`jax.checkpoint` policies (MATMUL, BATCHED_MATMUL), which cannot see a dot inside it.
 
 Accelerators accumulate 16-bit matmuls in float32 anyway, so there the plain dot computes the
-same and `einsum` keeps it; `cpu_kernels` decides (None: on the CPU backend only). Float32
-operands always take the plain path.
+same and `einsum` keeps it (a bias is then added in the output dtype); `cpu_kernels` decides
+(None: on the CPU backend only). Float32 operands always take the plain path.
 """
 from __future__ import annotations
 
@@ -20,30 +23,36 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+MATMUL, BATCHED_MATMUL = 'matmul', 'batched_matmul'
 
 
 def einsum(spec: str, a: jax.Array, b: jax.Array, dtype=jnp.float32, *, bias=None,
            out_dtype=None, cpu_kernels: bool | None = None) -> jax.Array:
-  """einsum(spec, a, b) + bias with both operands cast to `dtype`, accumulated in float32 and
-  returned in `out_dtype` (default `dtype`); `bias` broadcasts against the output's trailing
-  axes. `spec` names every axis by a letter, with no '...', and every letter of an operand
-  appears in the other operand or the output (a matmul: no traces, no axis summed within one
-  operand), so that each operand's gradient is again such an einsum.
+  """einsum(spec, a, b) + bias with both operands cast to `dtype` and the result in
+  `out_dtype` (default `dtype`); on the CPU path accumulated in float32 with the bias. `bias`
+  broadcasts against the output's trailing axes. `spec` names every axis by a letter, with no
+  '...', and every letter of an operand appears in the other operand or the output (a matmul:
+  no traces, no axis summed within one operand), so that each operand's gradient is again such
+  an einsum.
   """
   dtype = jnp.dtype(dtype)
-  out_dtype = jnp.dtype(out_dtype or dtype)
+  out_dtype = dtype if out_dtype is None else jnp.dtype(out_dtype)
   a, b = a.astype(dtype), b.astype(dtype)
   if cpu_kernels is None:
     cpu_kernels = jax.default_backend() == 'cpu'
   if dtype.itemsize >= 4 or not cpu_kernels:
-    y = jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
-    return y if bias is None else y + bias.astype(out_dtype)
-  x_letters, y_letters, out = _parse(spec)
+    result = jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
+    return result if bias is None else result + bias.astype(out_dtype)
+  x, y, out = _parse(spec)
   if bias is None:
-    return _einsum_f32_accumulate(spec, out_dtype, a, b)
-  if bias.ndim > len(out):
+    result = _einsum_f32_accumulate(spec, out_dtype, a, b)
+  elif bias.ndim > len(out):
     raise ValueError(f'bias of shape {bias.shape} has more axes than the output of {spec!r}')
-  return _einsum_bias_f32_accumulate(spec, out_dtype, a, b, bias)
+  else:
+    result = _einsum_bias_f32_accumulate(spec, out_dtype, a, b, bias)
+  return checkpoint_name(result, BATCHED_MATMUL if set(x) & set(y) & set(out) else MATMUL)
 
 
 def _parse(spec: str) -> tuple[str, str, str]:
@@ -54,10 +63,13 @@ def _parse(spec: str) -> tuple[str, str, str]:
                      "per axis (no '...', no implicit output)")
   x, y = operands
   for name, mine, other in (('first', x, y), ('second', y, x)):
+    if len(set(mine)) != len(mine):
+      raise ValueError(f'einsum spec {spec!r}: the {name} operand repeats a letter (a diagonal '
+                       'or trace); only matmul-like specs have einsum gradients')
     lonely = sorted(set(mine) - set(other) - set(out))
-    if lonely or len(set(mine)) != len(mine):
-      raise ValueError(f'einsum spec {spec!r}: the {name} operand sums axes {lonely} on its own '
-                       'or repeats a letter; only matmul-like specs have einsum gradients')
+    if lonely:
+      raise ValueError(f'einsum spec {spec!r}: the {name} operand sums axes {lonely} on its own; '
+                       'only matmul-like specs have einsum gradients')
   return x, y, out
 
 
@@ -70,11 +82,11 @@ def _operand_grads(spec, a, b, g):
   if set(x) & set(y) & set(out):
     # a batched matmul (attention's): XLA CPU hands some of its transposes to a kernel without
     # bfloat16 x bfloat16 -> float32, which fails at run time; float32 operands run everywhere
-    a32, b32, g = a.astype(jnp.float32), b.astype(jnp.float32), g.astype(jnp.float32)
+    a_op, b_op, g = a.astype(jnp.float32), b.astype(jnp.float32), g.astype(jnp.float32)
   else:
-    a32, b32, g = a, b, g.astype(a.dtype)   # 16-bit cotangent: a native kernel again
-  return (_dot(f'{out},{y}->{x}', g, b32).astype(a.dtype),
-          _dot(f'{x},{out}->{y}', a32, g).astype(b.dtype))
+    a_op, b_op, g = a, b, g.astype(a.dtype)   # 16-bit cotangent: a native kernel again
+  return (_dot(f'{out},{y}->{x}', g, b_op).astype(a.dtype),
+          _dot(f'{x},{out}->{y}', a_op, g).astype(b.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

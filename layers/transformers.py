@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from layers import matmuls
 from layers.attentions import SelfAttention
 from layers.linears import Dense
 from layers.mlps import Mlp
@@ -92,7 +93,13 @@ def remat_policy(remat: str | bool):
     raise ValueError(f'remat {remat!r}: use one of {REMAT_POLICIES}')
   if name == 'none':
     return False, None
-  return True, None if name == 'full' else getattr(jax.checkpoint_policies, name)
+  if name == 'full':
+    return True, None
+  # the CPU's 16-bit matmuls (layers/matmuls.py) hide their dot from the policy: saved by name
+  names = (matmuls.MATMUL,) if 'no_batch_dims' in name else (matmuls.MATMUL,
+                                                               matmuls.BATCHED_MATMUL)
+  return True, jax.checkpoint_policies.save_from_both_policies(
+      getattr(jax.checkpoint_policies, name), jax.checkpoint_policies.save_only_these_names(*names))
 
 
 class _ScanBlock(Block):
@@ -114,8 +121,8 @@ class Backbone(nn.Module):
   XLA from fusing the backward pass across blocks, which on CPU duplicates elementwise work
   quadratically in depth. `scan_unroll` blocks run in each iteration of the scan's loop (depth:
   no loop at all): the same stacked parameters and the same function, with compile time growing
-  with the unroll instead; on CPU in bfloat16 the loop's bookkeeping costs more than the
-  blocks' compute at small depths (docs/PERFORMANCE.md).
+  with the unroll instead; on CPU in bfloat16 the loop's bookkeeping costs more than it saves
+  at small depths (docs/PERFORMANCE.md).
   """
   depth: int
   num_heads: int

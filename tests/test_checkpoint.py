@@ -201,4 +201,5 @@ def test_save_error_keeps_the_os_reason_of_a_long_message():
   line = _reason(long)
   assert line.startswith('File too large: Error writing') and ' ... ' in line and len(line) < 440
   assert _reason(OSError('No space left on device')) == 'No space left on device'
+  assert _reason(OSError('write failed\nFile too large')) == 'File too large: write failed'
   assert _reason(RuntimeError('x' * 500)) == 'x' * 200 + ' ... ' + 'x' * 200   # no OS reason

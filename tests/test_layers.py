@@ -282,7 +282,8 @@ def test_remat_policy_names():
   from layers.transformers import remat_policy
   assert remat_policy('none') == (False, None) and remat_policy(False) == (False, None)
   assert remat_policy('full') == (True, None) and remat_policy(True) == (True, None)
-  assert remat_policy('dots_saveable') == (True, jax.checkpoint_policies.dots_saveable)
+  recompute, policy = remat_policy('dots_saveable')   # what it saves: tests/test_matmuls.py
+  assert recompute and callable(policy)
   with pytest.raises(ValueError, match="remat 'some'"):
     remat_policy('some')
 

@@ -56,6 +56,7 @@ def test_bias_and_its_gradient_are_float32_sums():
   assert dbias.dtype == jnp.float32 and dbias.shape == (1, 5)
   np.testing.assert_allclose(dbias, g.sum((0, 1, 2))[None], rtol=1e-6, atol=1e-5)
   np.testing.assert_allclose(da, np.einsum('blnh,dnh->bld', g, b), rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(db, np.einsum('bld,blnh->dnh', a, g), rtol=1e-2, atol=1e-2)
   ref = np.einsum('bld,dnh->blnh', a, b) + bias
   out = matmuls.einsum('bld,dnh->blnh', a, b, BF16, bias=bias, cpu_kernels=True)
   np.testing.assert_allclose(out.astype(np.float32), ref, rtol=1e-2, atol=1e-2)
@@ -65,13 +66,19 @@ def test_float32_and_accelerator_paths_are_the_plain_einsum():
   rng = np.random.default_rng(2)
   a, b = rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(8, 3)).astype(np.float32)
   plain = jnp.einsum('md,de->me', a, b)
-  np.testing.assert_array_equal(matmuls.einsum('md,de->me', a, b), plain)
+  np.testing.assert_array_equal(matmuls.einsum('md,de->me', a, b, cpu_kernels=True), plain)
+  # float32 never takes the written-out gradient, with or without the CPU kernels
+  jaxpr = lambda dtype: str(jax.make_jaxpr(
+      lambda a, b: matmuls.einsum('md,de->me', a, b, dtype, cpu_kernels=True))(a, b))
+  assert 'custom_vjp' not in jaxpr(jnp.float32) and 'custom_vjp' in jaxpr(BF16)
   # bfloat16 without the CPU kernels: the dot XLA is given is the plain bf16 x bf16 -> bf16 one
   hlo = jax.jit(lambda a, b: matmuls.einsum('md,de->me', a, b, BF16, cpu_kernels=False)
                 ).lower(a, b).as_text()
   assert re.search(r'dot_general.*-> tensor<4x3xbf16>', hlo), hlo
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the CPU path: other backends keep '
+                    'the plain dot (test_float32_and_accelerator_paths_are_the_plain_einsum)')
 def test_bf16_dense_compiles_to_native_bf16_dots_only():
   """The point of the module: in the compiled forward and backward passes of a bfloat16 Dense
   every dot takes bfloat16 operands and returns float32 (the form XLA CPU runs natively), and
@@ -105,8 +112,8 @@ def test_bf16_dense_matches_float32_dense_within_bf16_rounding():
 @pytest.mark.parametrize('spec,message', [
     ('...d,vd->...v', "no '...'"),
     ('md,de', 'no implicit output'),
-    ('mdk,de->me', 'sums axes'),
-    ('mm,mn->n', 'repeats a letter'),
+    ('mdk,de->me', "the first operand sums axes ['k'] on its own"),
+    ('md,mm->d', 'the second operand repeats a letter'),
 ])
 def test_specs_without_einsum_gradients_are_refused(spec, message):
   with pytest.raises(ValueError, match=re.escape(message)):   # checked before any shape
@@ -118,3 +125,29 @@ def test_dense_spec():
   assert matmuls.dense_spec(4, 2, 3) == 'abcd,cde->abe'
   x, k = np.ones((2, 3, 4, 5)), np.ones((4, 5, 6))
   assert np.einsum(matmuls.dense_spec(4, 2, 3), x, k).shape == (2, 3, 6)
+
+
+@pytest.mark.parametrize('remat,saved,plain_dots', [
+    ('dots_saveable', {'matmul', 'batched_matmul'}, 1),
+    ('dots_with_no_batch_dims_saveable', {'matmul'}, 1),
+    ('full', set(), 0),
+])
+def test_remat_dot_policies_save_the_cpu_bf16_matmuls_by_name(remat, saved, plain_dots, capsys):
+  """A dot inside the written-out gradient is invisible to jax.checkpoint's dot policies: the
+  op's output is named instead, and the policies keep what they keep on the plain path (whose
+  float32 dot they still save as a dot)."""
+  from layers.transformers import remat_policy
+  _, policy = remat_policy(remat)
+
+  def block(a, b, p):   # sin: the backward pass needs each matmul's output
+    h = matmuls.einsum('md,de->me', a, b, BF16, cpu_kernels=True)          # unbatched
+    s = matmuls.einsum('bld,bsd->bls', p, p, BF16, cpu_kernels=True)       # batched
+    f = matmuls.einsum('md,de->me', a, b)                                  # float32: plain
+    return (jnp.sum(jnp.sin(h.astype(jnp.float32))) + jnp.sum(jnp.sin(s.astype(jnp.float32)))
+            + jnp.sum(jnp.sin(f)))
+
+  jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(block, policy=policy),
+                                          jnp.ones((4, 8)), jnp.ones((8, 3)), jnp.ones((2, 5, 4)))
+  printed = capsys.readouterr().out
+  assert set(re.findall(r"named '(\w+)'", printed)) == saved, printed
+  assert printed.count('output of dot_general') == plain_dots, printed

@@ -43,9 +43,9 @@ if ROOT not in sys.path:
 
 # Knobs copied into the result so a table row says what ran (those an experiment lacks are left
 # out).
-REPORTED_KNOBS = ('DTYPE', 'ATTENTION_IMPL', 'REMAT', 'SCAN_LAYERS', 'SCAN_UNROLL', 'RESIDUAL_DTYPE', 'HIDDEN',
-                  'DEPTH', 'HEADS', 'PATCH', 'IMAGE_SIZE', 'SEQ_LEN', 'MESH', 'USE_VAE',
-                  'LATENTS_DIR')
+REPORTED_KNOBS = ('DTYPE', 'ATTENTION_IMPL', 'REMAT', 'SCAN_LAYERS', 'SCAN_UNROLL',
+                  'RESIDUAL_DTYPE', 'HIDDEN', 'DEPTH', 'HEADS', 'PATCH', 'IMAGE_SIZE', 'SEQ_LEN',
+                  'MESH', 'USE_VAE', 'LATENTS_DIR')
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -119,8 +119,8 @@ OURS = {   # family -> (experiment, knobs that give it the reference's shape and
 
 # Our knobs that change the step's speed, copied into the result (those an experiment lacks are
 # left out).
-REPORTED_KNOBS = ('ATTENTION_IMPL', 'REMAT', 'SCAN_LAYERS', 'SCAN_UNROLL', 'FUSED_QKV', 'RESIDUAL_DTYPE',
-                  'TIE_EMBEDDINGS', 'VOCAB_MULTIPLE', 'LOSS_CHUNK')
+REPORTED_KNOBS = ('ATTENTION_IMPL', 'REMAT', 'SCAN_LAYERS', 'SCAN_UNROLL', 'FUSED_QKV',
+                  'RESIDUAL_DTYPE', 'TIE_EMBEDDINGS', 'VOCAB_MULTIPLE', 'LOSS_CHUNK')
 
 
 def ours_overrides(family: str, extra=()) -> tuple[str, list[str]]:

@@ -53,11 +53,9 @@ _OS_REASON = re.compile(r'No space left on device|File too large|Permission deni
 
 def _reason(e: BaseException) -> str:
   """The first line of a failed write's message, cut to 400 characters, and the OS's reason
-  in front of it when the cut would drop it."""
+  in front of it when that line, or the cut, drops it."""
   line = str(e).splitlines()[0] if str(e) else type(e).__name__
-  if len(line) <= 400:
-    return line
-  short = f'{line[:200]} ... {line[-200:]}'
+  short = line if len(line) <= 400 else f'{line[:200]} ... {line[-200:]}'
   reason = _OS_REASON.search(str(e))
   return f'{reason.group(0)}: {short}' if reason and reason.group(0) not in short else short
 
