@@ -46,13 +46,10 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, dtype=jnp.float32, *, bias=Non
     result = jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
     return result if bias is None else result + bias.astype(out_dtype)
   x, y, out = _parse(spec)
-  if bias is None:
-    result = _einsum_f32_accumulate(spec, out_dtype, a, b)
-  elif bias.ndim > len(out):
+  if bias is not None and bias.ndim > len(out):
     raise ValueError(f'bias of shape {bias.shape} has more axes than the output of {spec!r}')
-  else:
-    result = _einsum_bias_f32_accumulate(spec, out_dtype, a, b, bias)
-  return checkpoint_name(result, BATCHED_MATMUL if set(x) & set(y) & set(out) else MATMUL)
+  result = _einsum_f32_accumulate(spec, out_dtype, a, b, bias)
+  return checkpoint_name(result, BATCHED_MATMUL if _batched(x, y, out) else MATMUL)
 
 
 def _parse(spec: str) -> tuple[str, str, str]:
@@ -77,52 +74,40 @@ def _dot(spec, x, y):
   return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
 
 
-def _operand_grads(spec, a, b, g):
+def _batched(x: str, y: str, out: str) -> bool:
+  """A letter in both operands and the output: a batched matmul (attention's)."""
+  return bool(set(x) & set(y) & set(out))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _einsum_f32_accumulate(spec, out_dtype, a, b, bias):
+  acc = _dot(spec, a, b)
+  return (acc if bias is None else acc + bias.astype(jnp.float32)).astype(out_dtype)
+
+
+def _forward(spec, out_dtype, a, b, bias):
+  return _einsum_f32_accumulate(spec, out_dtype, a, b, bias), (a, b, bias)
+
+
+def _backward(spec, out_dtype, saved, g):
+  a, b, bias = saved
   x, y, out = _parse(spec)
-  if set(x) & set(y) & set(out):
-    # a batched matmul (attention's): XLA CPU hands some of its transposes to a kernel without
-    # bfloat16 x bfloat16 -> float32, which fails at run time; float32 operands run everywhere
+  bias_grad = None
+  if bias is not None:
+    lead = g.ndim - bias.ndim
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(bias.shape) if n == 1)
+    bias_grad = jnp.sum(g, axis=axes, dtype=jnp.float32).reshape(bias.shape).astype(bias.dtype)
+  if _batched(x, y, out):
+    # XLA CPU hands some transposes of a batched matmul to a kernel without bfloat16 x bfloat16
+    # -> float32, which fails at run time; float32 operands run everywhere
     a_op, b_op, g = a.astype(jnp.float32), b.astype(jnp.float32), g.astype(jnp.float32)
   else:
     a_op, b_op, g = a, b, g.astype(a.dtype)   # 16-bit cotangent: a native kernel again
   return (_dot(f'{out},{y}->{x}', g, b_op).astype(a.dtype),
-          _dot(f'{x},{out}->{y}', a_op, g).astype(b.dtype))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _einsum_f32_accumulate(spec, out_dtype, a, b):
-  return _dot(spec, a, b).astype(out_dtype)
-
-
-def _forward(spec, out_dtype, a, b):
-  return _dot(spec, a, b).astype(out_dtype), (a, b)
-
-
-def _backward(spec, out_dtype, saved, g):
-  return _operand_grads(spec, *saved, g)
+          _dot(f'{x},{out}->{y}', a_op, g).astype(b.dtype), bias_grad)
 
 
 _einsum_f32_accumulate.defvjp(_forward, _backward)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _einsum_bias_f32_accumulate(spec, out_dtype, a, b, bias):
-  return (_dot(spec, a, b) + bias.astype(jnp.float32)).astype(out_dtype)
-
-
-def _bias_forward(spec, out_dtype, a, b, bias):
-  return _einsum_bias_f32_accumulate(spec, out_dtype, a, b, bias), (a, b, bias)
-
-
-def _bias_backward(spec, out_dtype, saved, g):
-  a, b, bias = saved
-  lead = g.ndim - bias.ndim
-  axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(bias.shape) if n == 1)
-  bias_grad = jnp.sum(g, axis=axes, dtype=jnp.float32).reshape(bias.shape).astype(bias.dtype)
-  return (*_operand_grads(spec, a, b, g), bias_grad)
-
-
-_einsum_bias_f32_accumulate.defvjp(_bias_forward, _bias_backward)
 
 
 def dense_spec(x_ndim: int, num_contract: int, kernel_ndim: int) -> str:

@@ -41,14 +41,12 @@ import orbax.checkpoint as ocp
 from trainer import workdir as workdir_lib
 
 
-# How tensorstore reports a failed file operation inside the ValueError it raises.
-_IO_ERROR = re.compile(r'os_error_code|PERMISSION_DENIED|RESOURCE_EXHAUSTED|Error writing|'
-                       r'No space left|File too large|Read-only file system')
-
-
 # What the OS said, when a storage library's message hides it among a long spec
 _OS_REASON = re.compile(r'No space left on device|File too large|Permission denied|'
                         r'Read-only file system|Disk quota exceeded')
+# How tensorstore reports a failed file operation inside the ValueError it raises.
+_IO_ERROR = re.compile(r'os_error_code|PERMISSION_DENIED|RESOURCE_EXHAUSTED|Error writing|'
+                       + _OS_REASON.pattern)
 
 
 def _reason(e: BaseException) -> str:
