@@ -97,7 +97,7 @@ class Experiment:
   # DEPTH, and 2x faster train steps on CPU (docs/PERFORMANCE.md); False: one module per block
   SCAN_LAYERS = True
   # SCAN_LAYERS: blocks per iteration of the scan's loop (DEPTH: none), the parameters still
-  # stacked; CPU bfloat16 DiT and ViT steps at depth 6 ran 1.3x faster unrolled (PERFORMANCE.md)
+  # stacked; the CPU bfloat16 DiT at depth 6 ran 1.04x faster unrolled (docs/PERFORMANCE.md)
   SCAN_UNROLL = 1
   LOG_EVERY = 50
   EVAL_EVERY = 500

@@ -48,7 +48,7 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, dtype=jnp.float32, *, bias=Non
   x, y, out = _parse(spec)
   if bias is not None and bias.ndim > len(out):
     raise ValueError(f'bias of shape {bias.shape} has more axes than the output of {spec!r}')
-  result = _einsum_f32_accumulate(spec, out_dtype, a, b, bias)
+  result = _einsum_f32_accumulate(spec, out_dtype, dtype, a, b, bias)
   return checkpoint_name(result, BATCHED_MATMUL if _batched(x, y, out) else MATMUL)
 
 
@@ -79,18 +79,39 @@ def _batched(x: str, y: str, out: str) -> bool:
   return bool(set(x) & set(y) & set(out))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _einsum_f32_accumulate(spec, out_dtype, a, b, bias):
+def pack_residual(x: jax.Array) -> jax.Array:
+  """x to keep for a backward pass: a 16-bit float array on the CPU backend as its uint16 bits.
+
+  Under nn.scan each saved array becomes a [depth, ...] buffer that the forward loop writes a
+  layer at a time. XLA's CPU backend has no bfloat16 dynamic-update-slice: it converts the
+  whole buffer to float32 and back around every layer's write, which made the bfloat16 scan
+  1.3x slower than the same blocks unrolled (docs/PERFORMANCE.md). Integers it writes in
+  place. `unpack_residual` undoes it; elsewhere both are the identity."""
+  if x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating) and (
+      jax.default_backend() == 'cpu'):
+    return jax.lax.bitcast_convert_type(x, jnp.uint16)
+  return x
+
+
+def unpack_residual(x: jax.Array, dtype) -> jax.Array:
+  """pack_residual's input back from what it returned, given that input's dtype."""
+  return jax.lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 else x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _einsum_f32_accumulate(spec, out_dtype, dtype, a, b, bias):
   acc = _dot(spec, a, b)
   return (acc if bias is None else acc + bias.astype(jnp.float32)).astype(out_dtype)
 
 
-def _forward(spec, out_dtype, a, b, bias):
-  return _einsum_f32_accumulate(spec, out_dtype, a, b, bias), (a, b, bias)
+def _forward(spec, out_dtype, dtype, a, b, bias):
+  return (_einsum_f32_accumulate(spec, out_dtype, dtype, a, b, bias),
+          (pack_residual(a), pack_residual(b), bias))
 
 
-def _backward(spec, out_dtype, saved, g):
+def _backward(spec, out_dtype, dtype, saved, g):
   a, b, bias = saved
+  a, b = unpack_residual(a, dtype), unpack_residual(b, dtype)
   x, y, out = _parse(spec)
   bias_grad = None
   if bias is not None:

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from layers.linears import Dense, normal_or_default
+from layers.matmuls import pack_residual, unpack_residual
 from layers.sharding import shard
 
 _SQRT_2_OVER_PI = 0.7978845608028654
@@ -26,11 +27,11 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
 def _gelu_fwd(x):
   x32 = x.astype(jnp.float32)
   tanh = jnp.tanh(_SQRT_2_OVER_PI * (x32 + _CUBIC * x32 * x32 * x32))
-  return (0.5 * x32 * (1.0 + tanh)).astype(x.dtype), x
+  return (0.5 * x32 * (1.0 + tanh)).astype(x.dtype), pack_residual(x)
 
 
 def _gelu_bwd(x, g):
-  x32 = x.astype(jnp.float32)
+  x32 = unpack_residual(x, g.dtype).astype(jnp.float32)
   tanh = jnp.tanh(_SQRT_2_OVER_PI * (x32 + _CUBIC * x32 * x32 * x32))
   du_dx = _SQRT_2_OVER_PI * (1.0 + 3.0 * _CUBIC * x32 * x32)
   slope = 0.5 * (1.0 + tanh) + 0.5 * x32 * (1.0 - tanh * tanh) * du_dx

@@ -15,7 +15,7 @@ def _standardize(x32, epsilon):
   return centered * rstd, rstd
 
 
-def _reduce_to(g, shape):
+def reduce_to(g, shape):
   """Sum g over the dims a parameter of `shape` was broadcast along to g's shape."""
   lead = g.ndim - len(shape)
   axes = tuple(range(lead)) + tuple(i + lead for i, n in enumerate(shape)
@@ -46,8 +46,8 @@ def _layer_norm_bwd(epsilon, dtype, res, g):
   g32 = g.astype(jnp.float32)
   gy = g32 * scale.astype(jnp.float32)
   dx = rstd * (gy - gy.mean(-1, keepdims=True) - y * (gy * y).mean(-1, keepdims=True))
-  return (dx.astype(x.dtype), _reduce_to(g32 * y, scale.shape).astype(scale.dtype),
-          _reduce_to(g32, shift.shape).astype(shift.dtype))
+  return (dx.astype(x.dtype), reduce_to(g32 * y, scale.shape).astype(scale.dtype),
+          reduce_to(g32, shift.shape).astype(shift.dtype))
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)

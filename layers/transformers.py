@@ -12,7 +12,7 @@ from layers import matmuls
 from layers.attentions import SelfAttention
 from layers.linears import Dense
 from layers.mlps import Mlp
-from layers.normalizations import LayerNorm
+from layers.normalizations import LayerNorm, reduce_to
 from layers.sharding import shard
 
 ACT = ('act_batch', 'act_len', 'act_embed')
@@ -40,6 +40,34 @@ class AdaLNModulation(nn.Module):
     y = Dense(self.num * self.features, ('embed', 'mlp'), kernel_init=zeros, dtype=self.dtype,
               name='proj')(nn.silu(c))
     return jnp.split(y[:, None, :], self.num, axis=-1)                      # num x [b, 1, d]
+
+
+@jax.custom_vjp
+def _gate_16bit(gate: jax.Array, h: jax.Array) -> jax.Array:
+  return gate * h
+
+
+def _gate_fwd(gate, h):
+  return gate * h, (matmuls.pack_residual(gate), matmuls.pack_residual(h))
+
+
+def _gate_bwd(saved, g):
+  gate, h = (matmuls.unpack_residual(v, g.dtype) for v in saved)
+  gate_grad = reduce_to(g.astype(jnp.float32) * h.astype(jnp.float32), gate.shape)
+  return gate_grad.astype(gate.dtype), g * gate
+
+
+_gate_16bit.defvjp(_gate_fwd, _gate_bwd)
+
+
+def gate_branch(gate: jax.Array, h: jax.Array) -> jax.Array:
+  """adaLN-Zero's gate [b, 1, d] times a branch's output h [b, l, d], in h's dtype.
+
+  In 16 bits what the backward pass keeps of it goes through matmuls.pack_residual (autodiff
+  would keep both as 16-bit arrays, which SCAN_LAYERS stacks slowly on XLA's CPU backend), and
+  the gate's gradient is summed in float32; float32 takes the plain product."""
+  gate = gate.astype(h.dtype)
+  return _gate_16bit(gate, h) if h.dtype.itemsize == 2 else gate * h
 
 
 class Block(nn.Module):
@@ -75,11 +103,11 @@ class Block(nn.Module):
     h = SelfAttention(self.num_heads, causal=self.causal, impl=self.attention_impl,
                       decode=self.decode, fused_qkv=self.fused_qkv, dtype=self.dtype,
                       init_std=self.init_std, out_init_std=self.out_init_std, name='attn')(h)
-    x = x + (gate1 * h if self.conditioned else h).astype(x.dtype)
+    x = x + (gate_branch(gate1, h) if self.conditioned else h).astype(x.dtype)
     h = norm('norm2')(x, shift2, scale2) if self.conditioned else norm('norm2')(x)
     h = Mlp(int(d * self.mlp_ratio), dtype=self.dtype, init_std=self.init_std,
             out_init_std=self.out_init_std, name='mlp')(h)
-    x = x + (gate2 * h if self.conditioned else h).astype(x.dtype)
+    x = x + (gate_branch(gate2, h) if self.conditioned else h).astype(x.dtype)
     return shard(x, ACT)
 
 
@@ -121,8 +149,7 @@ class Backbone(nn.Module):
   XLA from fusing the backward pass across blocks, which on CPU duplicates elementwise work
   quadratically in depth. `scan_unroll` blocks run in each iteration of the scan's loop (depth:
   no loop at all): the same stacked parameters and the same function, with compile time growing
-  with the unroll instead; on CPU in bfloat16 the loop's bookkeeping costs more than it saves
-  at small depths (docs/PERFORMANCE.md).
+  with the unroll instead (on CPU in bfloat16 at depth 6 it bought 1.04x; docs/PERFORMANCE.md).
   """
   depth: int
   num_heads: int

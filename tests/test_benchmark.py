@@ -5,6 +5,7 @@ forward FLOP count of each model family against XLA's own count."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -149,9 +150,16 @@ def test_compare_table_marks_a_failed_variant():
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_measure_matmul_tflops(dtype):
+  import jax.numpy as jnp
   from trainer import flops
   rate = flops.measure_matmul_tflops(dtype, n=256, repeats=2)
   assert isinstance(rate, float) and 0 < rate < 1e4
+  # the timed matmul is the form the models run: 16-bit operands, float32 accumulation
+  x = jnp.ones((8, 8), dtype)
+  hlo = flops.peak_matmul(dtype).lower(x, x).as_text()
+  short = {'float32': 'f32', 'bfloat16': 'bf16'}[dtype]
+  assert re.search(rf'dot_general.*\(tensor<8x8x{short}>, tensor<8x8x{short}>\) -> '
+                   r'tensor<8x8xf32>', hlo), hlo
 
 
 @pytest.mark.parametrize('name, extra', [

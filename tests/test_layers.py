@@ -115,6 +115,26 @@ def test_gelu_tanh_matches_autodiff_of_the_formula():
   assert jax.grad(lambda v: gelu_tanh(v).astype(jnp.float32).sum())(xb).dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
+def test_gate_branch_matches_autodiff_of_the_product(dtype):
+  from layers.transformers import gate_branch
+  gate = jax.random.normal(jax.random.key(0), (2, 1, 8)).astype(dtype)
+  h = jax.random.normal(jax.random.key(1), (2, 5, 8)).astype(dtype)
+  w = jax.random.normal(jax.random.key(2), (2, 5, 8))
+  f = lambda fn: jax.value_and_grad(
+      lambda g, h: jnp.sum(fn(g, h).astype(jnp.float32) * w), argnums=(0, 1))
+  (v, (dg, dh)) = f(gate_branch)(gate, h)
+  (v_ref, (dg_ref, dh_ref)) = f(lambda g, h: g * h)(gate, h)
+  assert dg.dtype == dh.dtype == dtype and dg.shape == gate.shape
+  tol = dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+  # float32 sums of 16-bit products, against autodiff's 16-bit ones
+  g32, h32 = gate.astype(jnp.float32), h.astype(jnp.float32)
+  np.testing.assert_allclose(np.float32(v), np.float32(v_ref), **tol)
+  np.testing.assert_allclose(dg.astype(np.float32), (w * h32).sum(1, keepdims=True), **tol)
+  np.testing.assert_allclose(dh.astype(np.float32), np.asarray(w * g32), **tol)
+  np.testing.assert_allclose(dh.astype(np.float32), dh_ref.astype(np.float32), **tol)
+
+
 def test_sincos_tables_match_closed_form():
   dim, grid = 16, 4
   want1 = np.zeros((5, dim))

@@ -95,6 +95,62 @@ def test_bf16_dense_compiles_to_native_bf16_dots_only():
     assert (out_type, types[lhs], types[rhs]) == ('f32', 'bf16', 'bf16'), (out_type, lhs, rhs)
 
 
+def test_residuals_of_16_bit_floats_are_packed_as_their_bits():
+  x = jnp.asarray([1.0, -2.5, 3e-3, jnp.inf], BF16)
+  packed = matmuls.pack_residual(x)
+  assert packed.dtype == jnp.uint16                        # the tests run on the CPU backend
+  assert np.array_equal(np.asarray(packed), np.asarray(x).view(np.uint16))
+  back = matmuls.unpack_residual(packed, BF16)
+  assert back.dtype == BF16 and np.array_equal(np.asarray(back), np.asarray(x))
+  y = jnp.arange(3.0)
+  assert matmuls.pack_residual(y) is y and matmuls.unpack_residual(y, jnp.float32) is y
+  n = jnp.arange(3, dtype=jnp.int16)                       # integers are stacked natively
+  assert matmuls.pack_residual(n) is n
+
+
+def _stacked_16_bit_writes(hlo: str) -> list[str]:
+  """Dynamic-update-slices that write a 16-bit float array, fused or not: XLA's CPU backend
+  runs each as a float32 copy of the whole buffer, converted there and back."""
+  found = re.findall(r'= (?:bf|f)16\[[^\]]*\]\S* dynamic-update-slice\(', hlo)
+  for head, body in re.findall(r'\n(%\S+ \([^\n]*\) -> (?:bf|f)16\[[^\n]*)\{\n(.*?)\n\}', hlo,
+                               re.S):
+    if 'dynamic-update-slice(' in body:
+      found.append(head)
+  return found
+
+
+def test_scanned_bf16_backbone_stacks_no_16_bit_residuals():
+  """Under nn.scan every array kept for the backward pass is written into a [depth, ...] buffer
+  a layer at a time; in bfloat16 on XLA's CPU backend each such write was a float32 round trip
+  of the whole buffer (1.3x slower steps, docs/PERFORMANCE.md). The matmuls, GELU and adaLN
+  gates keep their 16-bit residuals as uint16 bits instead, so no such write is left."""
+  from layers.transformers import Backbone
+  m = Backbone(depth=3, num_heads=2, conditioned=True, scan=True, dtype=BF16)
+  x = jnp.ones((2, 8, 16))
+  c = jnp.ones((2, 16))
+  params = m.init(jax.random.key(0), x, c)
+  loss = lambda p: jnp.sum(m.apply(p, x, c).astype(jnp.float32) ** 2)
+  hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  assert ' while(' in hlo and 'dynamic-update-slice(' in hlo    # a loop stacking residuals
+  assert _stacked_16_bit_writes(hlo) == []
+
+
+def test_bf16_scanned_backbone_matches_unrolled_within_bf16_rounding():
+  from layers.transformers import Backbone, stack_blocks
+  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  c = jax.random.normal(jax.random.key(1), (2, 16))
+  plain = Backbone(depth=3, num_heads=2, conditioned=True, dtype=BF16)
+  scanned = Backbone(depth=3, num_heads=2, conditioned=True, dtype=BF16, scan=True)
+  params = nn.unbox(plain.init(jax.random.key(2), x, c))['params']
+  params = jax.tree.map(lambda p: p + 0.05, params)     # leave adaLN-Zero's identity start
+  loss = lambda m: jax.jit(jax.value_and_grad(
+      lambda p: jnp.sum(m.apply({'params': p}, x, c).astype(jnp.float32) ** 2)))
+  (l1, g1), (l2, g2) = loss(plain)(params), loss(scanned)(stack_blocks(params, 3))
+  np.testing.assert_allclose(l2, l1, rtol=2e-2)
+  for a, b in zip(jax.tree.leaves(g2), jax.tree.leaves(stack_blocks(g1, 3))):
+    np.testing.assert_allclose(a, b, rtol=5e-2, atol=5e-2 * float(jnp.abs(b).max()))
+
+
 def test_bf16_dense_matches_float32_dense_within_bf16_rounding():
   x = jax.random.normal(jax.random.key(1), (4, 8, 32))
   f32 = DenseGeneral((2, 8), ('embed', 'heads', 'kv'))

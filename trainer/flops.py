@@ -40,6 +40,16 @@ def train_tflops_per_device(forward_flops_per_example: int, examples_per_s: floa
   return 3.0 * forward_flops_per_example * examples_per_s / num_devices / 1e12
 
 
+def peak_matmul(dtype):
+  """The jitted matmul measure_matmul_tflops times: 16-bit operands accumulate in and return
+  float32, as the models' matmuls do (layers/matmuls.py). XLA's CPU backend runs only that form
+  on its native bfloat16 kernels; a bfloat16 -> bfloat16 matmul it widens to float32, and
+  timing one made the bfloat16 "peak" the float32 rate (docs/PERFORMANCE.md)."""
+  if jnp.dtype(dtype).itemsize >= 4:
+    return jax.jit(jnp.matmul)
+  return jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
+
+
 def measure_matmul_tflops(dtype='float32', n: int = 2048, repeats: int = 5,
                           device=None) -> float:
   """TFLOP/s of one jitted [n, n] @ [n, n] matmul on `device` (default: jax.devices()[0]).
@@ -55,7 +65,7 @@ def measure_matmul_tflops(dtype='float32', n: int = 2048, repeats: int = 5,
   rng = np.random.default_rng(0)
   a, b = (jax.device_put(rng.standard_normal((n, n)).astype(jnp.dtype(dtype)), device)
           for _ in range(2))
-  matmul = jax.jit(jnp.matmul)
+  matmul = peak_matmul(dtype)
   for _ in range(2):
     matmul(a, b).block_until_ready()
   best = math.inf
