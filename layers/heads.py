@@ -2,6 +2,8 @@
 softmax cross-entropy over a large vocabulary computed in chunks of tokens."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -84,9 +86,32 @@ def vocab_logits(h, table, vocab_size: int, dtype=jnp.float32):
   return logits
 
 
+def label_logit(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """logits [..., v] at integer labels [...] -> [...], whose gradient is a one-hot select that
+  fuses into the softmax's (autodiff of the gather is a scatter into zeros, a pass of its own)."""
+  return _label_logit(logits.shape[-1], logits, labels)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _label_logit(v, logits, labels):
+  return jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+
+
+def _label_logit_fwd(v, logits, labels):
+  return _label_logit(v, logits, labels), labels
+
+
+def _label_logit_bwd(v, labels, g):
+  one_hot = jnp.arange(v) == labels[..., None]
+  return jnp.where(one_hot, g[..., None], jnp.zeros((), g.dtype)), None
+
+
+_label_logit.defvjp(_label_logit_fwd, _label_logit_bwd)
+
+
 def token_cross_entropy(h, table, targets, vocab_size: int, chunk: int = 0,
                         dtype=jnp.float32):
-  """Per-token softmax cross-entropy and argmax hits of next-token logits h . table^T.
+  """Per-token softmax cross-entropy and top-1 hits of next-token logits h . table^T.
 
   h [b, l, d] final hidden states, table [v_padded, d] (the tied token table, or an untied head),
   targets int [b, l] -> (nll float32 [b, l], correct bool [b, l]).
@@ -100,9 +125,15 @@ def token_cross_entropy(h, table, targets, vocab_size: int, chunk: int = 0,
   """
   def terms(hc, tc):
     logits = vocab_logits(hc, table, vocab_size, dtype)                    # [.., v]
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    hit = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-    return lse - hit, logits.argmax(-1) == tc
+    # Plain reductions and elementwise passes over the vocabulary only: XLA's CPU backend runs
+    # argmax's (value, index) reduction unvectorised and take_along_axis's gradient as a
+    # scatter, which together took half of GPT_T_Bible's step (docs/PERFORMANCE.md).
+    top = jax.lax.stop_gradient(logits.max(-1))              # lse's gradient needs no max
+    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
+    hit = label_logit(logits, tc)
+    # a tie for the top logit counts as a hit (argmax would pick the lowest id of the tied ones;
+    # exact float ties do not occur in practice, and finding the lowest costs another pass)
+    return lse - hit, hit >= top
   b, l, d = h.shape
   if not chunk or chunk >= l:
     return terms(h, targets)

@@ -323,7 +323,7 @@ def test_gpt_padded_vocab_and_chunked_loss_match_plain(tie):
   for chunk in (0, 5, 12):          # 5 does not divide 12: the last chunk is padded
     (loss, correct), grads = jax.value_and_grad(chunked, has_aux=True)(params, chunk)
     np.testing.assert_allclose(loss, ref, rtol=1e-6)
-    np.testing.assert_array_equal(correct, logits.argmax(-1) == targets)
+    np.testing.assert_array_equal(correct, logits.argmax(-1) == targets)   # no ties here
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
       np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
   # the padding rows get no gradient through the output softmax (their probability is 0)
@@ -416,16 +416,24 @@ def test_dit_flops_match_paper(size, paper_gflops):
   assert abs(macs / 1e9 / paper_gflops - 1) < 0.005
 
 
-def test_token_cross_entropy_counts_ties_as_argmax_does():
-  # rows 1 and 3 of the table are equal, so both ids get the top logit: argmax (and the hit)
-  # is the first of them
-  from layers.heads import token_cross_entropy
+def test_token_cross_entropy_counts_a_tie_for_the_top_as_a_hit():
+  # rows 1 and 3 of the table are equal, so both ids get the top logit: each counts as a hit
+  # (argmax would credit only id 1); id 2's logit is below the top
+  from layers.heads import label_logit, token_cross_entropy
   table = jnp.array([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [1.0, 0.0]])
-  h = jnp.array([[[2.0, 0.0], [2.0, 0.0], [0.0, 2.0]]])
-  nll, correct = token_cross_entropy(h, table, jnp.array([[1, 3, 0]]), vocab_size=4)
-  np.testing.assert_array_equal(correct, [[True, False, True]])
-  logp = jax.nn.log_softmax(jnp.einsum('bld,vd->blv', h, table), -1)
-  np.testing.assert_allclose(nll, -logp[0, jnp.arange(3), jnp.array([1, 3, 0])][None], rtol=1e-6)
+  h = jnp.array([[[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [2.0, 0.0]]])
+  targets = jnp.array([[1, 3, 0, 2]])
+  nll, correct = token_cross_entropy(h, table, targets, vocab_size=4)
+  np.testing.assert_array_equal(correct, [[True, True, True, False]])
+  logits = jnp.einsum('bld,vd->blv', h, table)
+  logp = jax.nn.log_softmax(logits, -1)
+  np.testing.assert_allclose(nll, -logp[0, jnp.arange(4), targets[0]][None], rtol=1e-6)
+  # the label logit's gradient is the gather's: g at the label, zero elsewhere
+  g = jnp.array([[1.0, -2.0, 3.0, 0.5]])
+  grad = jax.grad(lambda x: jnp.sum(label_logit(x, targets) * g))(logits)
+  expected = jax.grad(lambda x: jnp.sum(
+      jnp.take_along_axis(x, targets[..., None], -1)[..., 0] * g))(logits)
+  np.testing.assert_array_equal(grad, expected)
 
 
 def test_gpt_init_matches_gpt2():
