@@ -35,6 +35,7 @@ class FashionMNISTData(Experiment, abstract=True):
                  'Sneaker', 'Bag', 'Ankle boot')          # the rows of sample grids
   FASHION_MNIST_DIR = None
   SHIFT = 0                 # training images move by up to SHIFT pixels each way (0: never)
+  ERASE = 0.0               # probability of random erasing a training image (0: never)
   TRAIN_SPLIT = 'train'
   EVAL_SPLIT = 'test'
 
@@ -46,11 +47,16 @@ class FashionMNISTData(Experiment, abstract=True):
     if not isinstance(self.SHIFT, int) or isinstance(self.SHIFT, bool) or not 0 <= self.SHIFT < 28:
       raise ConfigError(f'SHIFT={self.SHIFT!r}: the largest random translation in pixels, an int '
                         f'from 0 to 27 (28-pixel images)')
+    if isinstance(self.ERASE, bool) or not isinstance(self.ERASE, (int, float)) or not (
+        0 <= self.ERASE <= 1):
+      raise ConfigError(f'ERASE={self.ERASE!r}: the probability of erasing a random rectangle of a '
+                        'training image, a number from 0 to 1')
 
   def _source(self, split, train):
     return fdl.Config(FashionMNIST, global_batch=self.GLOBAL_BATCH, split=split,
                       image_size=self.IMAGE_SIZE, train=train, seed=self.SEED,
-                      data_dir=self.FASHION_MNIST_DIR, shift=self.SHIFT)
+                      data_dir=self.FASHION_MNIST_DIR, shift=self.SHIFT,
+                      erase=self.ERASE)
 
   def train_data(self):
     return self._source(self.TRAIN_SPLIT, True)

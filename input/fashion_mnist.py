@@ -74,16 +74,36 @@ def translate(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
   return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
+def erasing(rng: np.random.Generator, prob: float, n: int, hh: int, ww: int):
+  """Random erasing (Zhong et al. 2020, "Random Erasing Data Augmentation") for n images [H, W]:
+  (where [n, H, W] bool, noise [n, H, W] uint8). With probability `prob` an image gets one
+  rectangle of 2-40% of its area, aspect ratio 0.3-3.3 (log-uniform), anywhere inside it, to be
+  filled with uniform random pixels: the paper's defaults."""
+  apply = rng.random(n) < prob
+  area = rng.uniform(0.02, 0.4, n) * hh * ww
+  ratio = np.exp(rng.uniform(np.log(0.3), np.log(1 / 0.3), n))
+  h = np.clip(np.round(np.sqrt(area * ratio)), 1, hh).astype(int)
+  w = np.clip(np.round(np.sqrt(area / ratio)), 1, ww).astype(int)
+  top = (rng.random(n) * (hh - h + 1)).astype(int)
+  left = (rng.random(n) * (ww - w + 1)).astype(int)
+  noise = rng.integers(0, 256, (n, hh, ww), dtype=np.uint8)
+  rows, cols = np.arange(hh)[None, :, None], np.arange(ww)[None, None, :]
+  inside = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
+            & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None]))
+  return inside & apply[:, None, None], noise
+
+
 class FashionMNIST(common.Source):
   """{'image': uint8 [b, S, S, 1] in [0, 255], 'label': int32 [b]}; random horizontal flips when
   `train`, and with `shift` > 0 a random translation of up to `shift` pixels each way, the
-  uncovered border black (the background); both are drawn per row from (seed, step). S > 28
+  uncovered border black (the background), and with `erase` > 0 random erasing with that
+  probability (`erase`); all are drawn per row from (seed, step). S > 28
   pads with black (0) around the centre, S < 28 resizes (bilinear, antialiased).
   Images travel as uint8 (a quarter of float32's bytes); the train and eval steps scale them to
   [-1, 1] on the device (tasks.common.prepare_images)."""
 
   def __init__(self, global_batch, split='train', image_size=28, train=True, seed=0,
-               data_dir=None, process_index=None, process_count=None, shift=0):
+               data_dir=None, process_index=None, process_count=None, shift=0, erase=0.0):
     super().__init__(global_batch, seed, train, process_index, process_count)
     if split not in _FILES:
       raise ValueError(f"split must be one of {sorted(_FILES)}, got {split!r}")
@@ -91,7 +111,9 @@ class FashionMNIST(common.Source):
       raise ValueError(f'image_size must be a positive int, got {image_size!r}')
     if not isinstance(shift, int) or isinstance(shift, bool) or not 0 <= shift < _SIZE:
       raise ValueError(f'shift must be an int in [0, {_SIZE}), got {shift!r}')
-    self.split, self.image_size, self.shift = split, image_size, shift
+    if isinstance(erase, bool) or not isinstance(erase, (int, float)) or not 0 <= erase <= 1:
+      raise ValueError(f'erase must be a probability in [0, 1], got {erase!r}')
+    self.split, self.image_size, self.shift, self.erase = split, image_size, shift, erase
     self._images, self._labels = load(split, str(data_dir or DEFAULT_DIR))
     self.num_examples = len(self._labels)
 
@@ -104,6 +126,9 @@ class FashionMNIST(common.Source):
       if self.shift:
         images = translate(images, rng.integers(-self.shift, self.shift + 1,
                                                 (self.global_batch, 2))[self.rows])
+      if self.erase:
+        where, noise = erasing(rng, self.erase, self.global_batch, *images.shape[1:])
+        images = np.where(where[self.rows], noise[self.rows], images)
     size = self.image_size
     if size < _SIZE:
       from PIL import Image  # Only this path needs it.

@@ -75,6 +75,7 @@ def test_dotted_override_and_literal_parsing():
     ('DiT_T_Synthetic', ['LR=0'], 'LR=0 must be positive'),
     ('DiT_T_Synthetic', ['EMA_DECAY=1.0'], 'EMA_DECAY=1.0 must be in [0, 1)'),
     ('ViT_T_FashionMNIST', ['SHIFT=30'], 'SHIFT=30: the largest random translation in pixels'),
+    ('ViT_T_FashionMNIST', ['ERASE=1.5'], 'ERASE=1.5: the probability of erasing'),
     ('DiT_T_Synthetic', ['CFG_INTERVAL=(0.8, 0.2)'],
      'CFG_INTERVAL=(0.8, 0.2): the guided sampler times, a pair (lo, hi) with 0 <= lo < hi <= 1'),
     ('ViT_T_FashionMNIST', ['CPU_DEVICES=3'],

@@ -173,6 +173,44 @@ def test_fashion_mnist_shift_translates_each_training_row():
     fashion_mnist.FashionMNIST(train=True, shift=-1, **kw)
 
 
+def test_random_erasing_draws_one_rectangle_per_chosen_row():
+  rng = np.random.default_rng(0)
+  where, noise = fashion_mnist.erasing(rng, 0.5, 400, 28, 28)
+  assert where.shape == noise.shape == (400, 28, 28) and noise.dtype == np.uint8
+  chosen = where.any((1, 2))
+  assert 150 < chosen.sum() < 250                       # about half the rows, p = 0.5
+  for w in where[chosen]:
+    rows, cols = np.flatnonzero(w.any(1)), np.flatnonzero(w.any(0))
+    h, wd = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+    assert w.sum() == h * wd                             # one filled axis-aligned rectangle
+    assert 0.02 * 784 - 6 <= h * wd <= 0.4 * 784 + 30    # 2-40% of the area, after rounding
+    assert 0.2 <= h / wd <= 5                            # aspect 0.3-3.3, after rounding
+  always = fashion_mnist.erasing(np.random.default_rng(1), 1.0, 50, 28, 28)[0]
+  never = fashion_mnist.erasing(np.random.default_rng(1), 0.0, 50, 28, 28)[0]
+  assert always.any((1, 2)).all() and not never.any()
+
+
+def test_fashion_mnist_erase_changes_training_rows_inside_the_rectangle_only():
+  kw = dict(global_batch=32, seed=3, **ONE)
+  plain = fashion_mnist.FashionMNIST(train=True, **kw).batch(5)['image'][..., 0]
+  erased_src = fashion_mnist.FashionMNIST(train=True, erase=1.0, **kw)
+  erased = erased_src.batch(5)['image'][..., 0]
+  np.testing.assert_array_equal(erased, erased_src.batch(5)['image'][..., 0])   # repeatable
+  np.testing.assert_array_equal(plain, fashion_mnist.FashionMNIST(train=True, erase=0.0, **kw)
+                                .batch(5)['image'][..., 0])
+  changed = erased != plain
+  assert changed.any((1, 2)).all()                       # every row erased at p = 1
+  for c in changed:                                      # noise may equal a pixel by chance
+    rows, cols = np.flatnonzero(c.any(1)), np.flatnonzero(c.any(0))
+    assert (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1) <= 0.4 * 784 + 30
+  evaluated = fashion_mnist.FashionMNIST(train=False, erase=1.0, **kw).batch(0)['image']
+  np.testing.assert_array_equal(
+      evaluated, fashion_mnist.FashionMNIST(train=False, **kw).batch(0)['image'])
+  for bad in (1.5, -0.1, True, '0.5'):
+    with pytest.raises(ValueError, match='erase must be a probability'):
+      fashion_mnist.FashionMNIST(train=True, erase=bad, **kw)
+
+
 def test_fashion_mnist_eval_covers_test_split_once():
   source = fashion_mnist.FashionMNIST(global_batch=384, split='test', train=False, **ONE)
   assert source.num_eval_batches() == 27  # 10000 / 384 = 26.04
