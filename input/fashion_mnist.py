@@ -77,8 +77,9 @@ def translate(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
 def erasing(rng: np.random.Generator, prob: float, n: int, hh: int, ww: int):
   """Random erasing (Zhong et al. 2020, "Random Erasing Data Augmentation") for n images [H, W]:
   (where [n, H, W] bool, noise [n, H, W] uint8). With probability `prob` an image gets one
-  rectangle of 2-40% of its area, aspect ratio 0.3-3.3 (log-uniform), anywhere inside it, to be
-  filled with uniform random pixels: the paper's defaults."""
+  rectangle of 2-40% of its area and aspect ratio 0.3-3.3 (the paper's ranges; the ratio drawn
+  log-uniform, as torchvision does, and a side longer than the image clipped to it instead of
+  drawn again), anywhere inside it, to be filled with uniform random pixels."""
   apply = rng.random(n) < prob
   area = rng.uniform(0.02, 0.4, n) * hh * ww
   ratio = np.exp(rng.uniform(np.log(0.3), np.log(1 / 0.3), n))

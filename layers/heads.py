@@ -87,9 +87,11 @@ def vocab_logits(h, table, vocab_size: int, dtype=jnp.float32):
 
 
 def label_logit(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """logits [..., v] at integer labels [...] -> [...], whose gradient is a one-hot select that
-  fuses into the softmax's (autodiff of the gather is a scatter into zeros, a pass of its own)."""
-  return _label_logit(logits.shape[-1], logits, labels)
+  """logits [..., v] at integer labels [...] in [-v, v) (negative ones count from the end, as
+  take_along_axis's) -> [...], whose gradient is a one-hot select that fuses into the softmax's
+  (autodiff of the gather is a scatter into zeros, a pass of its own)."""
+  v = logits.shape[-1]
+  return _label_logit(v, logits, jnp.where(labels < 0, labels + v, labels))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -129,7 +131,9 @@ def token_cross_entropy(h, table, targets, vocab_size: int, chunk: int = 0,
     # argmax's (value, index) reduction unvectorised and take_along_axis's gradient as a
     # scatter, which together took half of GPT_T_Bible's step (docs/PERFORMANCE.md).
     top = jax.lax.stop_gradient(logits.max(-1))              # lse's gradient needs no max
-    lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
+    # an infinite max shifts by 0 instead (as jax.nn.logsumexp): the loss is then inf, not NaN
+    shift = jnp.where(jnp.isfinite(top), top, 0.0)
+    lse = shift + jnp.log(jnp.sum(jnp.exp(logits - shift[..., None]), axis=-1))
     hit = label_logit(logits, tc)
     # a tie for the top logit counts as a hit (argmax would pick the lowest id of the tied ones;
     # exact float ties do not occur in practice, and finding the lowest costs another pass)

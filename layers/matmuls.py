@@ -95,7 +95,9 @@ def pack_residual(x: jax.Array) -> jax.Array:
 
 def unpack_residual(x: jax.Array, dtype) -> jax.Array:
   """pack_residual's input back from what it returned, given that input's dtype."""
-  return jax.lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 else x
+  dtype = jnp.dtype(dtype)
+  packed = x.dtype == jnp.uint16 and dtype != x.dtype and dtype.itemsize == 2
+  return jax.lax.bitcast_convert_type(x, dtype) if packed else x
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))

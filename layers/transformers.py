@@ -54,20 +54,25 @@ def _gate_fwd(gate, h):
 def _gate_bwd(saved, g):
   gate, h = (matmuls.unpack_residual(v, g.dtype) for v in saved)
   gate_grad = reduce_to(g.astype(jnp.float32) * h.astype(jnp.float32), gate.shape)
-  return gate_grad.astype(gate.dtype), g * gate
+  return gate_grad.astype(gate.dtype), reduce_to(g * gate, h.shape)
 
 
 _gate_16bit.defvjp(_gate_fwd, _gate_bwd)
 
 
-def gate_branch(gate: jax.Array, h: jax.Array) -> jax.Array:
+def gate_branch(gate: jax.Array, h: jax.Array, cpu_kernels: bool | None = None) -> jax.Array:
   """adaLN-Zero's gate [b, 1, d] times a branch's output h [b, l, d], in h's dtype.
 
-  In 16 bits what the backward pass keeps of it goes through matmuls.pack_residual (autodiff
-  would keep both as 16-bit arrays, which SCAN_LAYERS stacks slowly on XLA's CPU backend), and
-  the gate's gradient is summed in float32; float32 takes the plain product."""
+  On the CPU backend (`cpu_kernels`; None: decided by the backend) with 16-bit floats what the
+  backward pass keeps of it goes through matmuls.pack_residual (autodiff would keep both as
+  16-bit arrays, which SCAN_LAYERS stacks slowly there) and the gate's gradient is summed in
+  float32. Float32 and accelerators take the plain product, as before."""
   gate = gate.astype(h.dtype)
-  return _gate_16bit(gate, h) if h.dtype.itemsize == 2 else gate * h
+  if cpu_kernels is None:
+    cpu_kernels = jax.default_backend() == 'cpu'
+  if cpu_kernels and h.dtype.itemsize == 2 and jnp.issubdtype(h.dtype, jnp.floating):
+    return _gate_16bit(gate, h)
+  return gate * h
 
 
 class Block(nn.Module):

@@ -95,6 +95,7 @@ def test_bf16_dense_compiles_to_native_bf16_dots_only():
     assert (out_type, types[lhs], types[rhs]) == ('f32', 'bf16', 'bf16'), (out_type, lhs, rhs)
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='packing happens on the CPU backend only')
 def test_residuals_of_16_bit_floats_are_packed_as_their_bits():
   x = jnp.asarray([1.0, -2.5, 3e-3, jnp.inf], BF16)
   packed = matmuls.pack_residual(x)
@@ -106,6 +107,8 @@ def test_residuals_of_16_bit_floats_are_packed_as_their_bits():
   assert matmuls.pack_residual(y) is y and matmuls.unpack_residual(y, jnp.float32) is y
   n = jnp.arange(3, dtype=jnp.int16)                       # integers are stacked natively
   assert matmuls.pack_residual(n) is n
+  u = jnp.arange(3, dtype=jnp.uint16)                      # a genuine uint16 stays one
+  assert matmuls.unpack_residual(u, jnp.uint16) is u and matmuls.unpack_residual(u, jnp.int32) is u
 
 
 def _stacked_16_bit_writes(hlo: str) -> list[str]:
@@ -119,6 +122,7 @@ def _stacked_16_bit_writes(hlo: str) -> list[str]:
   return found
 
 
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='packing happens on the CPU backend only')
 def test_scanned_bf16_backbone_stacks_no_16_bit_residuals():
   """Under nn.scan every array kept for the backward pass is written into a [depth, ...] buffer
   a layer at a time; in bfloat16 on XLA's CPU backend each such write was a float32 round trip

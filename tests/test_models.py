@@ -434,6 +434,15 @@ def test_token_cross_entropy_counts_a_tie_for_the_top_as_a_hit():
   expected = jax.grad(lambda x: jnp.sum(
       jnp.take_along_axis(x, targets[..., None], -1)[..., 0] * g))(logits)
   np.testing.assert_array_equal(grad, expected)
+  # negative labels count from the end in value and gradient alike, as the gather's
+  neg = targets - 4
+  np.testing.assert_array_equal(label_logit(logits, neg), label_logit(logits, targets))
+  np.testing.assert_array_equal(
+      jax.grad(lambda x: jnp.sum(label_logit(x, neg) * g))(logits), expected)
+  # an infinite top logit makes the loss infinite, not NaN (as jax.nn.logsumexp)
+  inf_table = table.at[2].set(jnp.array([jnp.inf, 0.0]))
+  nll_inf, _ = token_cross_entropy(h[:, :1], inf_table, targets[:, :1], vocab_size=4)
+  assert np.isposinf(nll_inf).all()
 
 
 def test_gpt_init_matches_gpt2():
