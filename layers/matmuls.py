@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from layers.normalizations import reduce_to
+
 MATMUL, BATCHED_MATMUL = 'matmul', 'batched_matmul'
 
 
@@ -40,9 +42,7 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, dtype=jnp.float32, *, bias=Non
   dtype = jnp.dtype(dtype)
   out_dtype = dtype if out_dtype is None else jnp.dtype(out_dtype)
   a, b = a.astype(dtype), b.astype(dtype)
-  if cpu_kernels is None:
-    cpu_kernels = jax.default_backend() == 'cpu'
-  if dtype.itemsize >= 4 or not cpu_kernels:
+  if not cpu_16bit(dtype, cpu_kernels):
     result = jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
     return result if bias is None else result + bias.astype(out_dtype)
   x, y, out = _parse(spec)
@@ -50,6 +50,15 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, dtype=jnp.float32, *, bias=Non
     raise ValueError(f'bias of shape {bias.shape} has more axes than the output of {spec!r}')
   result = _einsum_f32_accumulate(spec, out_dtype, dtype, a, b, bias)
   return checkpoint_name(result, BATCHED_MATMUL if _batched(x, y, out) else MATMUL)
+
+
+def cpu_16bit(dtype, cpu_kernels: bool | None = None) -> bool:
+  """Whether `dtype` is a 16-bit float on the CPU backend (`cpu_kernels`; None: decided by the
+  backend), the case every written-out CPU path of this module and its users is for."""
+  dtype = jnp.dtype(dtype)
+  if cpu_kernels is None:
+    cpu_kernels = jax.default_backend() == 'cpu'
+  return cpu_kernels and dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)
 
 
 def _parse(spec: str) -> tuple[str, str, str]:
@@ -87,10 +96,7 @@ def pack_residual(x: jax.Array) -> jax.Array:
   whole buffer to float32 and back around every layer's write, which made the bfloat16 scan
   1.3x slower than the same blocks unrolled (docs/PERFORMANCE.md). Integers it writes in
   place. `unpack_residual` undoes it; elsewhere both are the identity."""
-  if x.dtype.itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating) and (
-      jax.default_backend() == 'cpu'):
-    return jax.lax.bitcast_convert_type(x, jnp.uint16)
-  return x
+  return jax.lax.bitcast_convert_type(x, jnp.uint16) if cpu_16bit(x.dtype) else x
 
 
 def unpack_residual(x: jax.Array, dtype) -> jax.Array:
@@ -115,11 +121,8 @@ def _backward(spec, out_dtype, dtype, saved, g):
   a, b, bias = saved
   a, b = unpack_residual(a, dtype), unpack_residual(b, dtype)
   x, y, out = _parse(spec)
-  bias_grad = None
-  if bias is not None:
-    lead = g.ndim - bias.ndim
-    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(bias.shape) if n == 1)
-    bias_grad = jnp.sum(g, axis=axes, dtype=jnp.float32).reshape(bias.shape).astype(bias.dtype)
+  bias_grad = None if bias is None else (
+      reduce_to(g.astype(jnp.float32), bias.shape).astype(bias.dtype))
   if _batched(x, y, out):
     # XLA CPU hands some transposes of a batched matmul to a kernel without bfloat16 x bfloat16
     # -> float32, which fails at run time; float32 operands run everywhere

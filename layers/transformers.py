@@ -68,11 +68,7 @@ def gate_branch(gate: jax.Array, h: jax.Array, cpu_kernels: bool | None = None) 
   16-bit arrays, which SCAN_LAYERS stacks slowly there) and the gate's gradient is summed in
   float32. Float32 and accelerators take the plain product, as before."""
   gate = gate.astype(h.dtype)
-  if cpu_kernels is None:
-    cpu_kernels = jax.default_backend() == 'cpu'
-  if cpu_kernels and h.dtype.itemsize == 2 and jnp.issubdtype(h.dtype, jnp.floating):
-    return _gate_16bit(gate, h)
-  return gate * h
+  return _gate_16bit(gate, h) if matmuls.cpu_16bit(h.dtype, cpu_kernels) else gate * h
 
 
 class Block(nn.Module):

@@ -108,6 +108,9 @@ def test_residuals_of_16_bit_floats_are_packed_as_their_bits():
   n = jnp.arange(3, dtype=jnp.int16)                       # integers are stacked natively
   assert matmuls.pack_residual(n) is n
   u = jnp.arange(3, dtype=jnp.uint16)                      # a genuine uint16 stays one
+  assert matmuls.cpu_16bit(BF16, cpu_kernels=True) and matmuls.cpu_16bit(jnp.float16, True)
+  assert not matmuls.cpu_16bit(BF16, cpu_kernels=False)   # accelerators: the plain path
+  assert not matmuls.cpu_16bit(jnp.int16, True) and not matmuls.cpu_16bit(jnp.float32, True)
   assert matmuls.unpack_residual(u, jnp.uint16) is u and matmuls.unpack_residual(u, jnp.int32) is u
 
 

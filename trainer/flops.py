@@ -7,8 +7,8 @@
 
 The peak is the dense bf16 datasheet number of a GPU or TPU (PEAK_BF16_TFLOPS); a CPU has no
 datasheet number worth the name, so there it is measured: measure_matmul_tflops, the best rate of
-a square matmul in the compute dtype (16-bit operands accumulating in float32: peak_matmul). Recomputation under remat is not counted: MFU measures
-useful model work, not hardware work.
+a square matmul in the compute dtype (16-bit operands accumulating in float32: peak_matmul).
+Recomputation under remat is not counted: MFU measures useful model work, not hardware work.
 """
 from __future__ import annotations
 
