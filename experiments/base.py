@@ -116,9 +116,9 @@ class Experiment:
                   'KEEP_CKPTS', 'HIDDEN', 'DEPTH', 'HEADS', 'PATCH', 'MAX_BAD_STEPS',
                   'IMAGE_SIZE', 'SEQ_LEN', 'VOCAB_SIZE', 'VOCAB_MULTIPLE', 'NUM_CLASSES',
                   'DENOISE_STEPS', 'CPU_DEVICES', 'SCAN_UNROLL')
-  AT_LEAST_ZERO = ('SAMPLE_EVERY', 'LOSS_CHUNK', 'EVAL_BATCHES', 'WARMUP', 'WEIGHT_DECAY',
-                   'INIT_STD', 'GRAD_CLIP', 'SEED', 'FID_NUM', 'FID_EVERY', 'FID_BATCH',
-                   'DATA_WORKERS', 'DECODER_CONV')
+  AT_LEAST_ZERO = ('SAMPLE_EVERY', 'LOSS_CHUNK', 'LOSS_VOCAB_BLOCK', 'EVAL_BATCHES', 'WARMUP',
+                   'WEIGHT_DECAY', 'INIT_STD', 'GRAD_CLIP', 'SEED', 'FID_NUM', 'FID_EVERY',
+                   'FID_BATCH', 'DATA_WORKERS', 'DECODER_CONV')
   CHOICES = {'LR_SCHEDULE': ('constant', 'cosine'), 'DTYPE': ('float32', 'bfloat16'),
              'RESIDUAL_DTYPE': ('float32', 'bfloat16'),
              'ATTENTION_IMPL': attentions.IMPLEMENTATIONS, 'REMAT': transformers.REMAT_POLICIES}

@@ -20,6 +20,8 @@ class GPT(Experiment, abstract=True):
                                    # by 1/sqrt(2 DEPTH); 0: Xavier-uniform as the other families
   VOCAB_MULTIPLE = 128             # the token table's rows: VOCAB_SIZE rounded up to a multiple
   LOSS_CHUNK = 128                 # positions per cross-entropy chunk (models/gpt.py); 0: none
+  LOSS_VOCAB_BLOCK = None          # vocabulary rows per streamed cross-entropy block (0: none;
+                                   # None: 2048 on the CPU backend, else none; models/gpt.py)
   SAMPLE_PROMPT = '\n'
   SAMPLE_TOKENS = 64
   TEMPERATURE = 0.8                # sampling: 0 is greedy
@@ -31,6 +33,7 @@ class GPT(Experiment, abstract=True):
                       hidden=self.HIDDEN, depth=self.DEPTH, heads=self.HEADS,
                       mlp_ratio=self.MLP_RATIO, tie_embeddings=self.TIE_EMBEDDINGS,
                       vocab_multiple=self.VOCAB_MULTIPLE, loss_chunk=self.LOSS_CHUNK,
+                      loss_vocab_block=self.LOSS_VOCAB_BLOCK,
                       init_std=self.INIT_STD,
                       **self.backbone_fields())
 

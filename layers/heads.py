@@ -1,5 +1,6 @@
 """Output heads: classifier, DiT's final adaLN layer with patch output, and a language model's
-softmax cross-entropy over a large vocabulary computed in chunks of tokens."""
+softmax cross-entropy over a large vocabulary computed in chunks of tokens or streamed over blocks
+of the vocabulary."""
 from __future__ import annotations
 
 import functools
@@ -112,7 +113,7 @@ _label_logit.defvjp(_label_logit_fwd, _label_logit_bwd)
 
 
 def token_cross_entropy(h, table, targets, vocab_size: int, chunk: int = 0,
-                        dtype=jnp.float32):
+                        dtype=jnp.float32, vocab_block: int = 0):
   """Per-token softmax cross-entropy and top-1 hits of next-token logits h . table^T.
 
   h [b, l, d] final hidden states, table [v_padded, d] (the tied token table, or an untied head),
@@ -124,8 +125,17 @@ def token_cross_entropy(h, table, targets, vocab_size: int, chunk: int = 0,
   them. With a GPT-2 vocabulary the whole batch's logits are b*l*50304*4 bytes (1.6 GiB at
   8 x 1024 tokens), the memory peak of a small model's step. `chunk` = 0 materialises all of them
   (the reference path); both give the same numbers.
+
+  With `vocab_block` > 0 each chunk's loss streams over the vocabulary instead, that many rows
+  of the table at a time (vocab_blocked_cross_entropy): no [.., v] array is made at all, which
+  on a CPU also makes the step faster. The two compose.
   """
   def terms(hc, tc):
+    if vocab_block:
+      lead = hc.shape[:-1]
+      nll, correct = vocab_blocked_cross_entropy(hc.reshape(-1, hc.shape[-1]), table,
+                                                 tc.reshape(-1), vocab_size, vocab_block, dtype)
+      return nll.reshape(lead), correct.reshape(lead)
     logits = vocab_logits(hc, table, vocab_size, dtype)                    # [.., v]
     # Plain reductions and elementwise passes over the vocabulary only: XLA's CPU backend runs
     # argmax's (value, index) reduction unvectorised and take_along_axis's gradient as a
@@ -147,3 +157,111 @@ def token_cross_entropy(h, table, targets, vocab_size: int, chunk: int = 0,
   nll, correct = jax.lax.map(lambda args: jax.checkpoint(terms)(*args), (hs, ts))
   unchunk = lambda x: x.swapaxes(0, 1).reshape(b, l + pad)[:, :l]
   return unchunk(nll), unchunk(correct)
+
+
+# GPT_T_Bible's step on a 2-core CPU (docs/PERFORMANCE.md): 1024-2096 rows all near the best; at
+# 4096 and more the [n, block] logits of a few hundred tokens leave the cache
+CPU_VOCAB_BLOCK = 2048
+
+
+def vocab_blocked_cross_entropy(h, table, targets, vocab_size: int, block: int,
+                                dtype=jnp.float32):
+  """token_cross_entropy's (nll, correct) for h [n, d], table [v_padded, d], targets int [n],
+  computed over the vocabulary `block` rows of the table at a time, never all n x v logits.
+
+  The forward pass keeps a running max and a running sum of exponentials (the log-sum-exp of a
+  streamed softmax); the backward pass recomputes each block's logits and turns them at once
+  into that block's share of both gradients. Every [n, block] array is then made and used while
+  it is in cache. On a 2-core CPU the [512, 50304] float32 logits of GPT_T_Bible's step (103 MB)
+  made its three vocabulary matmuls run at a third of the machine's matmul rate, bound by
+  memory, and the passes of the softmax over them cost as much again (docs/PERFORMANCE.md). The
+  recomputation is a fourth matmul of the same size.
+
+  Blocks are the largest divisor of v_padded in (block / 2, block] rows wide (the gradient's
+  blocks then are the table's gradient without a copy), or, where there is none, `block` rows
+  wide with the last one starting `v_padded - block` rows in and masking the rows an earlier
+  block already took."""
+  v = table.shape[0]
+  block = block_rows(v, block)
+  targets = jnp.where(targets < 0, targets + v, targets)
+  return _vocab_blocked(vocab_size, block, jnp.dtype(dtype), h, table, targets)
+
+
+def block_rows(rows: int, block: int) -> int:
+  """The rows per block vocab_blocked_cross_entropy takes for a table of `rows` rows when asked
+  for `block`."""
+  if block >= rows:
+    return rows
+  return next((b for b in range(block, block // 2, -1) if rows % b == 0), block)
+
+
+def _block_logits(i, h, table, vocab_size, block, dtype):
+  """Block i's float32 logits [n, block] (-inf where masked), its rows' ids [block] (-1 where
+  masked), its first row and its rows of the table."""
+  nominal = i * block
+  start = jnp.minimum(nominal, table.shape[0] - block)
+  rows = jax.lax.dynamic_slice_in_dim(table, start, block)
+  logits = jnp.einsum('nd,vd->nv', h.astype(dtype), rows.astype(dtype),
+                      preferred_element_type=jnp.float32)
+  ids = start + jnp.arange(block)
+  valid = (ids >= nominal) & (ids < vocab_size)
+  return jnp.where(valid, logits, -jnp.inf), jnp.where(valid, ids, -1), start, rows
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _vocab_blocked(vocab_size, block, dtype, h, table, targets):
+  return _vocab_blocked_fwd(vocab_size, block, dtype, h, table, targets)[0]
+
+
+def _vocab_blocked_fwd(vocab_size, block, dtype, h, table, targets):
+  n = h.shape[0]
+
+  def step(carry, i):
+    top, shift, total, hit = carry
+    logits, ids, _, _ = _block_logits(i, h, table, vocab_size, block, dtype)
+    top = jnp.maximum(top, logits.max(-1))
+    # an infinite max shifts by 0 (as jax.nn.logsumexp): the loss is then inf, not NaN
+    new_shift = jnp.where(jnp.isfinite(top), top, 0.0)
+    total = (total * jnp.exp(shift - new_shift)
+             + jnp.sum(jnp.exp(logits - new_shift[:, None]), axis=-1))
+    hit = hit + jnp.sum(jnp.where(ids == targets[:, None], logits, 0.0), axis=-1)
+    return (top, new_shift, total, hit), None
+
+  zeros = jnp.zeros((n,), jnp.float32)
+  count = -(-table.shape[0] // block)
+  (top, shift, total, hit), _ = jax.lax.scan(
+      step, (jnp.full((n,), -jnp.inf), zeros, zeros, zeros), jnp.arange(count))
+  lse = shift + jnp.log(total)
+  # a tie for the top logit counts as a hit, as in token_cross_entropy
+  return (lse - hit, hit >= top), (h, table, targets, lse)
+
+
+def _vocab_blocked_bwd(vocab_size, block, dtype, saved, cotangents):
+  h, table, targets, lse = saved
+  g = cotangents[0].astype(jnp.float32)
+  hd = h.astype(dtype)
+
+  def step(dh, i):
+    logits, ids, _, rows = _block_logits(i, h, table, vocab_size, block, dtype)
+    # d nll / d logits = softmax - one-hot; masked ids have probability exp(-inf) = 0
+    dlogits = g[:, None] * (jnp.exp(logits - lse[:, None])
+                            - (ids == targets[:, None]).astype(jnp.float32))
+    dlogits = dlogits.astype(dtype)
+    dh = dh + jnp.einsum('nv,vd->nd', dlogits, rows.astype(dtype),
+                         preferred_element_type=jnp.float32)
+    # transposed ([d, block]): XLA's CPU matmul contracts the logits' major axis 2.4x faster
+    # this way than into [block, d] (docs/PERFORMANCE.md)
+    return dh, jnp.einsum('nd,nv->dv', hd, dlogits, preferred_element_type=jnp.float32).T
+
+  v, d = table.shape
+  count = -(-v // block)
+  dh, drows = jax.lax.scan(step, jnp.zeros(h.shape, jnp.float32), jnp.arange(count))
+  if count * block == v:
+    dtable = drows.reshape(v, d)
+  else:  # the last block overlaps the one before; its overlap's share is zero
+    tail = v - (count - 1) * block
+    dtable = jnp.concatenate([drows[:-1].reshape(-1, d), drows[-1, block - tail:]])
+  return dh.astype(h.dtype), dtable.astype(table.dtype), None
+
+
+_vocab_blocked.defvjp(_vocab_blocked_fwd, _vocab_blocked_bwd)

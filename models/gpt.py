@@ -10,7 +10,8 @@ multiple of `vocab_multiple` (50257 -> 50304 with 128): the output matmul then h
 tiles the hardware's matmul units. Logits of the padding ids are never returned or trained on.
 Given targets, the model returns per-token losses instead of logits, computed `loss_chunk`
 tokens at a time (layers/heads.token_cross_entropy) so that the float32 logits of the whole
-batch never exist at once.
+batch never exist at once, and with `loss_vocab_block` streamed over that many vocabulary rows
+at a time, so that no logits of the whole vocabulary exist at all.
 
 Decoding: build with `decode=True`, init on a [b, max_len] dummy to size the KV cache, then
 apply with `mutable=['cache']`: once on the prompt (prefill), then once per new token.
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from layers.embeddings import Embed, PositionEmbed
-from layers.heads import token_cross_entropy, vocab_logits
+from layers.heads import CPU_VOCAB_BLOCK, token_cross_entropy, vocab_logits
 from layers.normalizations import LayerNorm
 from layers.sharding import shard
 from layers.transformers import SIZES, Backbone, block_flops  # noqa: F401  (SIZES: for users)
@@ -38,6 +39,8 @@ class GPT(nn.Module):
   tie_embeddings: bool = True
   vocab_multiple: int = 128
   loss_chunk: int = 0              # tokens per cross-entropy chunk; 0: all logits at once
+  loss_vocab_block: int | None = None   # vocabulary rows per streamed cross-entropy block
+                                        # (0: not streamed; None: `streamed_vocab_block`)
   attention_impl: str = 'einsum'
   remat: str | bool = False
   scan_layers: bool = False
@@ -52,6 +55,15 @@ class GPT(nn.Module):
   def padded_vocab(self) -> int:
     m = max(self.vocab_multiple, 1)
     return -(-self.vocab_size // m) * m
+
+  @property
+  def streamed_vocab_block(self) -> int:
+    """The loss's vocabulary block: `loss_vocab_block`, or when None heads.CPU_VOCAB_BLOCK on the
+    CPU backend, where streaming made GPT_T_Bible's step 1.3x faster, and 0 (the full logits)
+    elsewhere, where it has not been measured (docs/PERFORMANCE.md)."""
+    if self.loss_vocab_block is not None:
+      return self.loss_vocab_block
+    return CPU_VOCAB_BLOCK if jax.default_backend() == 'cpu' else 0
 
   @nn.compact
   def __call__(self, tokens: jax.Array, targets: jax.Array | None = None):
@@ -86,7 +98,8 @@ class GPT(nn.Module):
           nn.initializers.normal(0.02), ('vocab', 'embed')), (self.padded_vocab, self.hidden),
           jnp.float32)
     if targets is not None:
-      return token_cross_entropy(h, table, targets, self.vocab_size, self.loss_chunk, self.dtype)
+      return token_cross_entropy(h, table, targets, self.vocab_size, self.loss_chunk, self.dtype,
+                                 self.streamed_vocab_block)
     logits = vocab_logits(h, table, self.vocab_size, self.dtype)[..., :self.vocab_size]
     return shard(logits, ('act_batch', 'act_len', 'act_vocab'))            # [b, l, v] float32
 

@@ -298,8 +298,8 @@ def test_gpt2_small_parameter_count():
 @pytest.mark.parametrize('tie', [True, False])
 def test_gpt_padded_vocab_and_chunked_loss_match_plain(tie):
   """Padding ids are never predicted (their logits are -inf), the returned logits cover the real
-  vocabulary only, and the chunked loss (and its gradients) equals the loss of the full logits
-  computed here with NumPy-independent float32 log-softmax."""
+  vocabulary only, and the chunked and the vocabulary-streamed losses (and their gradients)
+  equal the loss of the full logits computed here with float32 log-softmax."""
   model = gpt.GPT(vocab_size=100, max_len=12, hidden=32, depth=1, heads=4, vocab_multiple=64,
                   tie_embeddings=tie)
   tokens = jax.random.randint(jax.random.key(0), (3, 13), 0, 100)
@@ -315,13 +315,17 @@ def test_gpt_padded_vocab_and_chunked_loss_match_plain(tie):
     logp = jax.nn.log_softmax(model.apply({'params': p}, inputs), axis=-1)
     return -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0].mean()
 
-  def chunked(p, chunk):
-    nll, correct = model.clone(loss_chunk=chunk).apply({'params': p}, inputs, targets)
+  def chunked(p, chunk, block):
+    nll, correct = model.clone(loss_chunk=chunk, loss_vocab_block=block).apply(
+        {'params': p}, inputs, targets)
     return nll.mean(), correct
 
   ref, ref_grads = jax.value_and_grad(reference)(params)
-  for chunk in (0, 5, 12):          # 5 does not divide 12: the last chunk is padded
-    (loss, correct), grads = jax.value_and_grad(chunked, has_aux=True)(params, chunk)
+  # 5 does not divide 12: the last chunk is padded; 48 takes blocks of 32 rows (the largest
+  # divisor of the 128 table rows in (24, 48]); 64 splits the rows into the real ids and the
+  # padding; 500 is one block of all 128 rows
+  for chunk, block in ((0, 0), (5, 0), (12, 0), (0, 48), (5, 48), (0, 64), (12, 500)):
+    (loss, correct), grads = jax.value_and_grad(chunked, has_aux=True)(params, chunk, block)
     np.testing.assert_allclose(loss, ref, rtol=1e-6)
     np.testing.assert_array_equal(correct, logits.argmax(-1) == targets)   # no ties here
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
@@ -329,6 +333,70 @@ def test_gpt_padded_vocab_and_chunked_loss_match_plain(tie):
   # the padding rows get no gradient through the output softmax (their probability is 0)
   pad_rows = (grads['token_embed']['embedding'] if tie else grads['head'])[100:]
   np.testing.assert_array_equal(pad_rows, 0)
+
+
+def test_vocab_streamed_loss_with_an_overlapping_last_block():
+  """97 table rows (prime) have no divisor near 40: blocks of 40 rows start at 0, 40 and 57, the
+  last masking rows 57-79, which the block before took; ids 90-96 are padding. Loss, hits and
+  both gradients equal the plain loss's."""
+  from layers.heads import block_rows, token_cross_entropy, vocab_blocked_cross_entropy
+  assert [block_rows(97, 40), block_rows(128, 48), block_rows(100, 500)] == [40, 32, 100]
+  assert block_rows(50304, 2048) == 1572                     # GPT-2's padded vocabulary: 32
+  model = gpt.GPT(vocab_size=100, max_len=8, hidden=8, depth=1, heads=1)
+  assert jax.default_backend() == 'cpu' and model.streamed_vocab_block == 2048   # the default
+  assert model.clone(loss_vocab_block=0).streamed_vocab_block == 0
+  h = jax.random.normal(jax.random.key(0), (6, 8))
+  table = jax.random.normal(jax.random.key(1), (97, 8))
+  targets = jnp.array([0, 39, 40, 57, 79, 89])                # each block's edges
+  targets_neg = targets - 97                                  # counted from the end
+
+  def loss(fn, h, table, targets):
+    nll, correct = fn(h, table, targets)
+    return jnp.sum(nll * jnp.arange(1.0, 7.0)), (nll, correct)
+
+  plain = lambda h, t, y: [x[0] for x in token_cross_entropy(h[None], t, y[None], 90)]
+  blocked = lambda h, t, y: vocab_blocked_cross_entropy(h, t, y, 90, 40)
+  (_, (nll, hit)), grads = jax.value_and_grad(
+      lambda h, t: loss(plain, h, t, targets), argnums=(0, 1), has_aux=True)(h, table)
+  for y in (targets, targets_neg):
+    (_, (nll_b, hit_b)), grads_b = jax.value_and_grad(
+        lambda h, t: loss(blocked, h, t, y), argnums=(0, 1), has_aux=True)(h, table)
+    np.testing.assert_allclose(nll_b, nll, rtol=1e-6)
+    np.testing.assert_array_equal(hit_b, hit)
+    for g, r in zip(grads_b, grads):
+      np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(grads[1][90:], 0)             # padding rows: probability 0
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_vocab_streamed_loss_sharded_and_16bit(dtype):
+  """The vocabulary-streamed loss under an FSDP mesh of 8 devices (the table's rows sliced while
+  its columns are sharded) equals the plain loss on one, in float32 and in bfloat16 (there
+  within the rounding of the 16-bit cotangent both paths feed their matmuls)."""
+  model = gpt.GPT(vocab_size=200, max_len=16, hidden=32, depth=1, heads=4, dtype=dtype)
+  tokens = jax.random.randint(jax.random.key(0), (8, 17), 0, 200)
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  params = jax.jit(lambda r: nn.unbox(model.init(r, inputs))['params'])(jax.random.key(1))
+
+  def loss(p, block):
+    nll, _ = model.clone(loss_vocab_block=block).apply({'params': p}, inputs, targets)
+    return nll.mean()
+
+  ref, ref_grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, 0)
+  mesh = sharding.make_mesh({'fsdp': 8})
+  sharded, _ = sharding.sharded_init(
+      lambda rng: model.init(rng, inputs)['params'], mesh, jax.random.key(1))
+  table = sharded['token_embed']['embedding']                                # [256, 32]
+  assert table.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp')
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    got, grads = jax.jit(jax.value_and_grad(loss), static_argnums=1)(sharded, 96)
+  # bfloat16: both paths round the logits' cotangent to 8 bits of mantissa, at other points
+  rel = 1e-5 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(got, ref, rtol=rel)
+  # the floor: the key bias's gradient is zero but for rounding (softmax ignores a shift)
+  floor = rel * 1e-3 * max(np.abs(r).max() for r in jax.tree.leaves(ref_grads))
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(g, r, rtol=rel, atol=max(rel * np.abs(r).max(), floor))
 
 
 @pytest.mark.parametrize('fused_qkv', [False, True])   # fused: prefill stacks, steps do not
@@ -443,6 +511,14 @@ def test_token_cross_entropy_counts_a_tie_for_the_top_as_a_hit():
   inf_table = table.at[2].set(jnp.array([jnp.inf, 0.0]))
   nll_inf, _ = token_cross_entropy(h[:, :1], inf_table, targets[:, :1], vocab_size=4)
   assert np.isposinf(nll_inf).all()
+  # the same, streamed over blocks of the vocabulary of one row and of two
+  for block in (1, 3):
+    np.testing.assert_array_equal(
+        token_cross_entropy(h, table, targets, 4, vocab_block=block)[1], correct)
+    np.testing.assert_allclose(
+        token_cross_entropy(h, table, neg, 4, vocab_block=block)[0], nll, rtol=1e-6)
+    nll_inf, _ = token_cross_entropy(h[:, :1], inf_table, targets[:, :1], 4, vocab_block=block)
+    assert np.isposinf(nll_inf).all()
 
 
 def test_gpt_init_matches_gpt2():
