@@ -52,8 +52,9 @@ class GPT(Experiment, abstract=True):
 
 class GPT_T_Bible(data.BibleData, GPT):
   """GPT-T on the King James Bible: `python launch.py --exp=GPT_T_Bible
-  --workdir=workdirs/gpt_t_bible`. About 14 minutes on 2 CPU cores (1200 steps of 4 x 128
-  tokens, 0.66 epochs; the 50257-way output layer dominates on a CPU). Four sequences a step:
+  --workdir=workdirs/gpt_t_bible`. About 4 minutes on a 2-core AVX-512 CPU, 14 on the slowest
+  machine measured before the streamed loss (1200 steps of 4 x 128 tokens, 0.66 epochs; the
+  50257-way output layer dominates on a CPU). Four sequences a step:
   at the same tokens, batches of 2 / 4 / 8 reached held-out 4.74 / 4.79 / 4.94 (batch 2 was
   not timed on both cores). Held-out loss (the first 25.6k tokens of the held-out chapters, as
   before the batch changed) and a generated passage are in docs/RESULTS.md."""
