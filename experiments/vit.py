@@ -97,6 +97,7 @@ class ViT_T_FashionMNIST_Judge(ViT_T_FashionMNIST):
   WARMUP = 40
   SHIFT = 0
   CPU_DEVICES = 1
+  MESH = {'data': 1, 'fsdp': -1, 'tensor': 1}   # the mesh its judgements were made with
   EVAL_EVERY = 400
   CKPT_EVERY = 400
 
