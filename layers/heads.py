@@ -92,7 +92,12 @@ def label_logit(logits: jax.Array, labels: jax.Array) -> jax.Array:
   take_along_axis's) -> [...], whose gradient is a one-hot select that fuses into the softmax's
   (autodiff of the gather is a scatter into zeros, a pass of its own)."""
   v = logits.shape[-1]
-  return _label_logit(v, logits, jnp.where(labels < 0, labels + v, labels))
+  return _label_logit(v, logits, _from_zero(labels, v))
+
+
+def _from_zero(labels, v):
+  """Labels in [-v, v) as ids in [0, v): negative ones count from the end."""
+  return jnp.where(labels < 0, labels + v, labels)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -182,9 +187,8 @@ def vocab_blocked_cross_entropy(h, table, targets, vocab_size: int, block: int,
   wide with the last one starting `v_padded - block` rows in and masking the rows an earlier
   block already took."""
   v = table.shape[0]
-  block = block_rows(v, block)
-  targets = jnp.where(targets < 0, targets + v, targets)
-  return _vocab_blocked(vocab_size, block, jnp.dtype(dtype), h, table, targets)
+  return _vocab_blocked(vocab_size, block_rows(v, block), jnp.dtype(dtype), h, table,
+                        _from_zero(targets, v))
 
 
 def block_rows(rows: int, block: int) -> int:
@@ -195,17 +199,16 @@ def block_rows(rows: int, block: int) -> int:
   return next((b for b in range(block, block // 2, -1) if rows % b == 0), block)
 
 
-def _block_logits(i, h, table, vocab_size, block, dtype):
-  """Block i's float32 logits [n, block] (-inf where masked), its rows' ids [block] (-1 where
-  masked), its first row and its rows of the table."""
+def _block_logits(i, hd, table, vocab_size, block, dtype):
+  """Block i's float32 logits [n, block] (-inf where masked) from hd (h in `dtype`), its rows'
+  ids [block] (-1 where masked) and its rows of the table in `dtype`."""
   nominal = i * block
   start = jnp.minimum(nominal, table.shape[0] - block)
-  rows = jax.lax.dynamic_slice_in_dim(table, start, block)
-  logits = jnp.einsum('nd,vd->nv', h.astype(dtype), rows.astype(dtype),
-                      preferred_element_type=jnp.float32)
+  rows = jax.lax.dynamic_slice_in_dim(table, start, block).astype(dtype)
+  logits = jnp.einsum('nd,vd->nv', hd, rows, preferred_element_type=jnp.float32)
   ids = start + jnp.arange(block)
   valid = (ids >= nominal) & (ids < vocab_size)
-  return jnp.where(valid, logits, -jnp.inf), jnp.where(valid, ids, -1), start, rows
+  return jnp.where(valid, logits, -jnp.inf), jnp.where(valid, ids, -1), rows
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -214,11 +217,11 @@ def _vocab_blocked(vocab_size, block, dtype, h, table, targets):
 
 
 def _vocab_blocked_fwd(vocab_size, block, dtype, h, table, targets):
-  n = h.shape[0]
+  n, hd = h.shape[0], h.astype(dtype)
 
   def step(carry, i):
     top, shift, total, hit = carry
-    logits, ids, _, _ = _block_logits(i, h, table, vocab_size, block, dtype)
+    logits, ids, _ = _block_logits(i, hd, table, vocab_size, block, dtype)
     top = jnp.maximum(top, logits.max(-1))
     # an infinite max shifts by 0 (as jax.nn.logsumexp): the loss is then inf, not NaN
     new_shift = jnp.where(jnp.isfinite(top), top, 0.0)
@@ -242,15 +245,14 @@ def _vocab_blocked_bwd(vocab_size, block, dtype, saved, cotangents):
   hd = h.astype(dtype)
 
   def step(dh, i):
-    logits, ids, _, rows = _block_logits(i, h, table, vocab_size, block, dtype)
+    logits, ids, rows = _block_logits(i, hd, table, vocab_size, block, dtype)
     # d nll / d logits = softmax - one-hot; masked ids have probability exp(-inf) = 0
     dlogits = g[:, None] * (jnp.exp(logits - lse[:, None])
                             - (ids == targets[:, None]).astype(jnp.float32))
     dlogits = dlogits.astype(dtype)
-    dh = dh + jnp.einsum('nv,vd->nd', dlogits, rows.astype(dtype),
-                         preferred_element_type=jnp.float32)
-    # transposed ([d, block]): XLA's CPU matmul contracts the logits' major axis 2.4x faster
-    # this way than into [block, d] (docs/PERFORMANCE.md)
+    dh = dh + jnp.einsum('nv,vd->nd', dlogits, rows, preferred_element_type=jnp.float32)
+    # made [d, block] and transposed while in cache: XLA's CPU matmul contracts the logits'
+    # major axis 2.4x faster into that form than into [block, d] (docs/PERFORMANCE.md)
     return dh, jnp.einsum('nd,nv->dv', hd, dlogits, preferred_element_type=jnp.float32).T
 
   v, d = table.shape

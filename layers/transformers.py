@@ -54,7 +54,7 @@ def _gate_fwd(gate, h):
 def _gate_bwd(saved, g):
   gate, h = (matmuls.unpack_residual(v, g.dtype) for v in saved)
   gate_grad = reduce_to(g.astype(jnp.float32) * h.astype(jnp.float32), gate.shape)
-  return gate_grad.astype(gate.dtype), reduce_to(g * gate, h.shape)
+  return gate_grad.astype(gate.dtype), g * gate
 
 
 _gate_16bit.defvjp(_gate_fwd, _gate_bwd)
