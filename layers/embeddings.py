@@ -33,6 +33,28 @@ def sincos_2d(dim: int, grid_size: int) -> np.ndarray:
   return np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
 
 
+def sincos_2d_offset(dim: int, grid_size: int, offset: jax.Array) -> jax.Array:
+  """[b, grid_size**2, dim]: `sincos_2d`'s table for cells whose (row, col) positions are moved
+  by offset [b, 2] (fractions of a cell: the grid of cell i lies at i + offset), one per example.
+  Offset 0 gives `sincos_2d` row for row."""
+  if dim % 4:
+    raise ValueError(f'2D sin-cos embedding dim {dim} must be divisible by 4')
+  quarter = dim // 4
+  omega = jnp.asarray(1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter),
+                      jnp.float32)
+  cells = jnp.arange(grid_size, dtype=jnp.float32)
+  rows = cells[None, :, None] + offset[:, 0, None, None].astype(jnp.float32)   # [b, g, 1]
+  cols = cells[None, None, :] + offset[:, 1, None, None].astype(jnp.float32)   # [b, 1, g]
+  rows, cols = jnp.broadcast_arrays(rows, cols)
+  b = offset.shape[0]
+
+  def table(pos):                                      # [b, g, g] -> [b, g*g, dim/2]
+    angles = pos.reshape(b, -1, 1) * omega
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+  return jnp.concatenate([table(cols), table(rows)], axis=-1)
+
+
 def timestep_features(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
   """[b] -> [b, dim] sinusoidal features of (possibly fractional) timesteps; cos half first."""
   half = dim // 2

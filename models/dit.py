@@ -7,6 +7,13 @@ Shapes: b batch, H W c image (pixels or latents), p patch, l = (H/p)(W/p) tokens
   -> depth adaLN-Zero blocks conditioned on c = t_emb + y_emb -> final adaLN layer -> [b, H, W, c]
 
 Row `num_classes` of the class table is the "null" class used for classifier-free guidance.
+
+With `shift` [b, 2] (pixels in [0, p), one pair per image) the image is placed that far from the
+top-left corner of a zero canvas one patch larger per side, so the patch grid cuts it at another
+phase: (H/p + 1)^2 tokens, each position the patch's own in image coordinates (a fractional
+sin-cos position), and the output cropped back to [b, H, W, c]. The parameters do not depend on
+it. Trained and sampled with random shifts (tasks/diffusion `shift_period`), no pixel lies on a
+patch border more often than another, so the per-patch errors no longer line up into a grid.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from layers.embeddings import Embed, PatchEmbed, TimestepEmbed, sincos_2d
+from layers.embeddings import Embed, PatchEmbed, TimestepEmbed, sincos_2d, sincos_2d_offset
 from layers.heads import FinalAdaLN
 from layers.sharding import shard
 from layers.transformers import SIZES, Backbone, block_flops  # noqa: F401  (SIZES: for users)
@@ -46,16 +53,27 @@ class DiT(nn.Module):
     return self.num_classes
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array,
+               shift: jax.Array | None = None) -> jax.Array:
     b, hh, ww, c = x.shape
     if hh % self.patch or ww % self.patch:
       raise ValueError(f'image size {hh}x{ww} is not divisible by patch {self.patch}')
     if self.hidden % self.heads:
       raise ValueError(f'hidden {self.hidden} is not divisible by heads {self.heads}')
-    grid = hh // self.patch
+    out_h, out_w = hh, ww
+    if shift is None:
+      pos = jnp.asarray(sincos_2d(self.hidden, hh // self.patch))[None]
+    else:
+      if shift.shape != (b, 2):
+        raise ValueError(f'shift has shape {shift.shape}; it takes [batch, 2] = [{b}, 2] pixels')
+      hh, ww = hh + self.patch, ww + self.patch                        # the canvas
+      canvas = jnp.zeros((hh, ww, c), x.dtype)
+      x = jax.vmap(lambda img, s: jax.lax.dynamic_update_slice(canvas, img, (s[0], s[1], 0)))(
+          x, shift)
+      pos = sincos_2d_offset(self.hidden, hh // self.patch, -shift / self.patch)
     h = PatchEmbed(self.patch, self.hidden, dtype=self.dtype, margin=self.embed_margin,
                    name='patch_embed')(x)                                         # [b, l, d]
-    h = h + jnp.asarray(sincos_2d(self.hidden, grid), self.dtype)[None]
+    h = h + pos.astype(self.dtype)
     h = shard(h, ('act_batch', 'act_len', 'act_embed'))
     cond = TimestepEmbed(self.hidden, dtype=self.dtype, name='t_embed')(t * self.time_scale)
     cond = cond + Embed(self.num_classes + 1, self.hidden, dtype=self.dtype, name='y_embed')(y)
@@ -67,13 +85,20 @@ class DiT(nn.Module):
                  dtype=self.dtype, name='backbone')(h, cond)
     out = FinalAdaLN(self.patch, c, hh, ww, conv_features=self.decoder_conv,
                      overlap=self.decoder_overlap, dtype=self.dtype, name='final')(h, cond)
+    if shift is not None:
+      out = jax.vmap(lambda o, s: jax.lax.dynamic_slice(o, (s[0], s[1], 0), (out_h, out_w, c)))(
+          out, shift)
     return out.astype(jnp.float32)
 
 
 def flops_per_example(image_size: int, channels: int, patch: int, hidden: int, depth: int,
                       mlp_ratio: float = 4.0, frequency_dim: int = 256, decoder_conv: int = 0,
-                      decoder_overlap: bool = False, embed_margin: int = 0, **_) -> int:
-  """Forward matmul and convolution FLOPs for one image (2 per multiply-add)."""
+                      decoder_overlap: bool = False, embed_margin: int = 0,
+                      grid_shift: bool = False, **_) -> int:
+  """Forward matmul and convolution FLOPs for one image (2 per multiply-add); with `grid_shift`
+  those of the canvas one patch larger that a shifted grid needs."""
+  if grid_shift:
+    image_size += patch
   l, d = (image_size // patch) ** 2, hidden
   ppc = (patch + 2 * embed_margin) ** 2 * channels
   flops = 2 * l * ppc * d                                       # patch embedding

@@ -15,6 +15,12 @@ With `cfg_interval=(lo, hi)` guidance is applied only to the sampler's steps who
 guidance in a limited interval improves sample and distribution quality in diffusion models":
 guidance near pure noise narrows each class's variety, and near the data it is not needed).
 Those steps then cost one network call instead of two.
+
+With `shift_period` p (a DiT's patch size, experiments' GRID_SHIFT) every network call, in
+training, evaluation and sampling, gets its own random patch-grid shift in [0, p)^2 per image
+(models/dit.py): the network learns every phase of its grid, and each sampler step cuts the
+image at another, so a patch-shaped error of one step is not repeated along the same borders by
+the next.
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ import jax.numpy as jnp
 from tasks.common import batch_mask
 
 SIGMA_MIN = 1e-5
+SHIFT_STREAM = 0x5a1f        # folded into a key for the grid shifts, leaving its other draws as
+                             # they are without shifts
 
 
 def interpolate(x0, x1, t, sigma_min: float = SIGMA_MIN):
@@ -38,12 +46,13 @@ def velocity_target(x0, x1, sigma_min: float = SIGMA_MIN):
 
 
 def euler_sample(velocity_fn, x0, num_steps: int):
-  """Integrate dx/dt = velocity_fn(x, t) from t=0 to 1 in `num_steps` equal Euler steps."""
+  """Integrate dx/dt = velocity_fn(x, t, k) from t=0 to 1 in `num_steps` equal Euler steps; k
+  counts the calls from 0 (a stream index for draws of their own, such as grid shifts)."""
   dt = 1.0 / num_steps
 
   def body(i, x):
     t = jnp.full((x.shape[0],), i * dt, jnp.float32)
-    return x + dt * velocity_fn(x, t).astype(x.dtype)
+    return x + dt * velocity_fn(x, t, i).astype(x.dtype)
 
   return jax.lax.fori_loop(0, num_steps, body, x0)
 
@@ -56,8 +65,8 @@ def heun_sample(velocity_fn, x0, num_steps: int):
 
   def body(i, x):
     t = jnp.full((x.shape[0],), i * dt, jnp.float32)
-    v = velocity_fn(x, t).astype(x.dtype)
-    v_next = velocity_fn(x + dt * v, t + dt).astype(x.dtype)
+    v = velocity_fn(x, t, 2 * i).astype(x.dtype)
+    v_next = velocity_fn(x + dt * v, t + dt, 2 * i + 1).astype(x.dtype)
     return x + 0.5 * dt * (v + v_next)
 
   return jax.lax.fori_loop(0, num_steps, body, x0)
@@ -83,7 +92,11 @@ class FlowMatching:
                denoise_timesteps: int = 128, class_dropout_prob: float = 0.1,
                cfg_scale: float = 1.5, sample_classes: int = 10, samples_per_class: int = 8,
                t_sampling: str = 'uniform', class_names: tuple[str, ...] = (),
-               sampler: str = 'euler', cfg_interval: tuple[float, float] = (0.0, 1.0)):
+               sampler: str = 'euler', cfg_interval: tuple[float, float] = (0.0, 1.0),
+               shift_period: int = 0):
+    if shift_period < 0:
+      raise ValueError(f'shift_period {shift_period}: the patch size whose grid shifts, or 0')
+    self.shift_period = shift_period
     lo, hi = cfg_interval
     if not 0 <= lo < hi <= 1:
       raise ValueError(f'cfg_interval {cfg_interval!r}: the guided times [lo, hi) need '
@@ -125,15 +138,27 @@ class FlowMatching:
     x0 = jax.random.normal(rng_x, x1.shape, x1.dtype)
     return x0, x1, t, y, rng_y
 
-  def _per_example_loss(self, model, params, x0, x1, t, y):
-    v = model.apply({'params': params}, interpolate(x0, x1, t), t, y)
+  def _shift(self, rng, b: int):
+    """[b, 2] grid shifts in [0, shift_period) from `rng`'s own stream; None without shifts."""
+    if not self.shift_period:
+      return None
+    return jax.random.randint(jax.random.fold_in(rng, SHIFT_STREAM), (b, 2), 0,
+                              self.shift_period)
+
+  def _apply(self, model, params, x, t, y, shift):
+    extra = {} if shift is None else {'shift': shift}
+    return model.apply({'params': params}, x, t, y, **extra)
+
+  def _per_example_loss(self, model, params, x0, x1, t, y, shift):
+    v = self._apply(model, params, interpolate(x0, x1, t), t, y, shift)
     return jnp.square(v - velocity_target(x0, x1)).mean(axis=tuple(range(1, x1.ndim)))
 
   def loss(self, model, params, batch, rng):
     x0, x1, t, y, rng_y = self._noised(batch, rng)
     drop = jax.random.bernoulli(rng_y, self.class_dropout_prob, y.shape)
     y = jnp.where(drop, self.num_classes, y)
-    loss = self._per_example_loss(model, params, x0, x1, t, y).mean()
+    shift = self._shift(rng, y.shape[0])
+    loss = self._per_example_loss(model, params, x0, x1, t, y, shift).mean()
     return loss, {}
 
   def eval_step(self, model, params, batch, rng=None):
@@ -143,8 +168,9 @@ class FlowMatching:
     rng = jax.random.key(0) if rng is None else rng
     x0, x1, t, y, _ = self._noised(batch, rng)
     mask = batch_mask(batch, x1.shape[0])
-    return {'loss_sum': (self._per_example_loss(model, params, x0, x1, t, y) * mask).sum(),
-            'count': mask.sum()}
+    shift = self._shift(rng, y.shape[0])
+    per_example = self._per_example_loss(model, params, x0, x1, t, y, shift)
+    return {'loss_sum': (per_example * mask).sum(), 'count': mask.sum()}
 
   def finalize(self, sums):
     return {'loss': float(sums['loss_sum']) / max(float(sums['count']), 1.0)}
@@ -160,13 +186,14 @@ class FlowMatching:
     x0 = jax.random.normal(rng, (labels.shape[0],) + tuple(shape), jnp.float32)
     null = jnp.full_like(labels, self.num_classes)
 
-    def plain(x, t):
-      return model.apply({'params': params}, x, t, labels)
+    def plain(x, t, shift):
+      return self._apply(model, params, x, t, labels, shift)
 
-    def guided(x, t):
-      # one forward over [cond; uncond] halves the number of calls
-      v = model.apply({'params': params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                      jnp.concatenate([labels, null]))
+    def guided(x, t, shift):
+      # one forward over [cond; uncond] halves the number of calls; both halves share the grid
+      both = None if shift is None else jnp.concatenate([shift, shift])
+      v = self._apply(model, params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                      jnp.concatenate([labels, null]), both)
       v_cond, v_null = jnp.split(v, 2)
       return v_null + cfg * (v_cond - v_null)
 
@@ -176,6 +203,10 @@ class FlowMatching:
     elif (lo, hi) == (0.0, 1.0):
       velocity = guided
     else:   # every row of a step shares its t, so one branch serves the whole batch
-      velocity = lambda x, t: jax.lax.cond((t[0] >= lo) & (t[0] < hi), guided, plain, x, t)
+      velocity = lambda x, t, shift: jax.lax.cond((t[0] >= lo) & (t[0] < hi), guided, plain,
+                                                  x, t, shift)
 
-    return SAMPLERS[self.sampler](velocity, x0, steps)
+    def call(x, t, k):      # each call its own grid shifts
+      return velocity(x, t, self._shift(jax.random.fold_in(rng, k), x.shape[0]))
+
+    return SAMPLERS[self.sampler](call, x0, steps)

@@ -139,6 +139,21 @@ def test_gate_branch_matches_autodiff_of_the_product(dtype):
     np.testing.assert_array_equal(a, b)
 
 
+def test_sincos_offset_table_is_the_table_at_moved_positions():
+  # per example: cell (r, c) lies at (r + dr, c + dc); offset 0 is sincos_2d itself
+  dim, grid = 16, 3
+  offset = np.array([[0.0, 0.0], [-0.25, -0.75], [0.5, 1.0]], np.float32)
+  got = np.asarray(embeddings.sincos_2d_offset(dim, grid, jnp.asarray(offset)))
+  assert got.shape == (3, grid * grid, dim)
+  np.testing.assert_allclose(got[0], embeddings.sincos_2d(dim, grid), atol=1e-6)
+  for k, (dr, dc) in enumerate(offset):
+    for r in range(grid):
+      for c in range(grid):
+        want = np.concatenate([embeddings.sincos_1d(dim // 2, [c + dc])[0],
+                               embeddings.sincos_1d(dim // 2, [r + dr])[0]])
+        np.testing.assert_allclose(got[k, r * grid + c], want, atol=1e-6)
+
+
 def test_sincos_tables_match_closed_form():
   dim, grid = 16, 4
   want1 = np.zeros((5, dim))

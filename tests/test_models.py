@@ -234,6 +234,52 @@ def test_dit_overlapping_decoder_adds_centred_blocks_as_numpy_does():
     FinalAdaLN(p, 1, 8, 8, overlap=True, conv_features=4).init(jax.random.key(2), h, cond)
 
 
+def test_dit_grid_shift_moves_the_grid_not_the_image():
+  """shift [b, 2]: the image sits that many pixels into a zero canvas one patch larger, the
+  tokens' positions are their patches' in image coordinates, and the output is cropped back."""
+  p = 4
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  t, y = jnp.array([0.3, 0.8]), jnp.array([1, 4])
+
+  def perturbed(model, skip=()):
+    # the zero-initialised heads would hide everything: move every weight outside `skip`
+    params = nn.unbox(model.init(jax.random.key(1), x, t, y))['params']
+    leaves, tree = jax.tree.flatten({k: v for k, v in params.items() if k not in skip})
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    moved = tree.unflatten([w + 0.3 * jax.random.normal(k, w.shape)
+                            for w, k in zip(leaves, keys)])
+    return {**params, **moved}
+
+  model = dit.DiT(image_size=8, channels=1, patch=p, hidden=32, depth=2, heads=4, num_classes=5,
+                  embed_margin=2, decoder_overlap=True)
+  params = perturbed(model)
+  run = lambda x, t, y, **kw: model.apply({'params': params}, x, t, y, **kw)
+  # no shift: the plain model on the image padded by a patch below and right, cropped
+  zero = run(x, t, y, shift=jnp.zeros((2, 2), jnp.int32))
+  padded = jnp.pad(x, ((0, 0), (0, p), (0, p), (0, 0)))
+  assert_close_f32(zero, run(padded, t, y)[:, :8, :8], err_msg='shift 0 vs padded image')
+  s = jnp.array([[1, 3], [2, 0]], jnp.int32)
+  both = run(x, t, y, shift=s)
+  assert both.shape == x.shape
+  for k in range(2):                    # each image's grid is its own
+    alone = run(x[k:k + 1], t[k:k + 1], y[k:k + 1], shift=s[k:k + 1])
+    assert_close_f32(both[k:k + 1], alone, err_msg=f'image {k} alone')
+  assert float(jnp.abs(both - zero).mean()) > 1e-3   # and the grid's phase matters
+  with pytest.raises(ValueError, match=r'shift has shape \(2,\).*\[2, 2\]'):
+    run(x, t, y, shift=jnp.zeros((2,), jnp.int32))
+
+  # positions follow the image: with the blocks left at their adaLN-Zero identity and a plain
+  # patch decoder, each token is decoded from its own patch and position alone, so moving image
+  # and grid together by a whole patch (shift p, one past the range the task draws) changes no
+  # output pixel, while a shift within a patch does
+  local = dit.DiT(image_size=8, channels=1, patch=p, hidden=32, depth=2, heads=4, num_classes=5)
+  params_local = perturbed(local, skip=('backbone',))
+  out = [local.apply({'params': params_local}, x, t, y, shift=jnp.array(s_, jnp.int32))
+         for s_ in ([[0, 0], [0, 0]], [[p, p], [p, 0]], [[1, 3], [2, 2]])]
+  np.testing.assert_array_equal(out[0], out[1])
+  assert float(jnp.abs(out[0] - out[2]).mean()) > 1e-3
+
+
 @pytest.mark.parametrize('p, margin', [(4, 2), (4, 4), (3, 1)])
 def test_dit_patch_embed_margin_is_a_centred_strided_convolution(p, margin):
   """embed_margin m: each token embeds the (p + 2m) x (p + 2m) window centred on its p x p patch,

@@ -120,25 +120,85 @@ def test_interpolation_endpoints():
 def test_euler_integrates_linear_field_exactly():
   # dx/dt = a + b t  ->  x(1) = x(0) + a + b/2; Euler on N steps gives a + b (N-1)/(2N)
   x0 = jnp.arange(6.0).reshape(2, 3)
-  out = diffusion.euler_sample(lambda x, t: jnp.full_like(x, 3.0), x0, num_steps=10)
+  out = diffusion.euler_sample(lambda x, t, k: jnp.full_like(x, 3.0), x0, num_steps=10)
   np.testing.assert_allclose(out, x0 + 3.0, atol=1e-5)
   n = 8
-  out = diffusion.euler_sample(lambda x, t: 2.0 * t[:, None] * jnp.ones_like(x), x0, n)
+  out = diffusion.euler_sample(lambda x, t, k: 2.0 * t[:, None] * jnp.ones_like(x), x0, n)
   np.testing.assert_allclose(out, x0 + (n - 1) / n, atol=1e-5)
 
 
 def test_heun_is_exact_on_linear_time_fields_and_second_order():
   x0 = jnp.arange(6.0).reshape(2, 3)
   # dx/dt = 2t: the trapezoid rule is exact for any number of steps (Euler is not, above)
-  out = diffusion.heun_sample(lambda x, t: 2.0 * t[:, None] * jnp.ones_like(x), x0, 3)
+  out = diffusion.heun_sample(lambda x, t, k: 2.0 * t[:, None] * jnp.ones_like(x), x0, 3)
   np.testing.assert_allclose(out, x0 + 1.0, atol=1e-5)
   # dx/dt = x: each step multiplies by 1 + h + h^2/2, closed form against e
   for n in (4, 8):
-    out = diffusion.heun_sample(lambda x, t: x, x0, n)
+    out = diffusion.heun_sample(lambda x, t, k: x, x0, n)
     np.testing.assert_allclose(out, x0 * (1 + 1 / n + 0.5 / n**2) ** n, rtol=1e-5)
-  err = [float(jnp.abs(diffusion.heun_sample(lambda x, t: x, x0, n) - x0 * np.e).max())
+  err = [float(jnp.abs(diffusion.heun_sample(lambda x, t, k: x, x0, n) - x0 * np.e).max())
          for n in (4, 8)]
   assert 3.5 < err[0] / err[1] < 4.5      # halving the step quarters the error
+
+
+class _RecordsShift:
+  """A velocity model that records the grid shift of every call (None without one), also
+  inside jit, and how many rows the call had."""
+
+  def __init__(self):
+    self.seen = []
+
+  def apply(self, variables, x_t, t, y, **kw):
+    if 'shift' not in kw:
+      self.seen.append(None)
+      return jnp.zeros_like(x_t)
+    jax.debug.callback(lambda s: self.seen.append(np.asarray(s)), kw['shift'])
+    return jnp.zeros_like(x_t)
+
+
+def test_grid_shifts_reach_the_model_per_image_and_per_sampler_call():
+  p, n = 4, 6
+  batch = {'image': jnp.zeros((512, 8, 8, 1)), 'label': jnp.zeros((512,), jnp.int32)}
+  plain = diffusion.FlowMatching(num_classes=10, denoise_timesteps=n)
+  model = _RecordsShift()
+  plain.loss(model, None, batch, jax.random.key(0))
+  plain.sample(model, None, jnp.arange(3), jax.random.key(1), (8, 8, 1), cfg_scale=1.0)
+  assert model.seen == [None] * 2                  # no shifts unless asked for
+
+  task = diffusion.FlowMatching(num_classes=10, denoise_timesteps=n, shift_period=p,
+                                cfg_interval=(0.3, 0.7), cfg_scale=2.0)
+  model = _RecordsShift()
+  task.loss(model, None, batch, jax.random.key(0))
+  s = model.seen[0]
+  assert s.shape == (512, 2) and s.dtype == np.int32
+  pairs = set(map(tuple, s.tolist()))
+  assert pairs == {(i, j) for i in range(p) for j in range(p)}   # every phase, image by image
+  # the draws of t, noise and dropped labels are those of a run without shifts
+  class Echo:
+    def apply(self, variables, x_t, t, y, **kw):
+      return x_t * t[:, None, None, None] + (y == 10)[:, None, None, None]
+  m = jnp.linspace(-1, 1, 64).reshape(1, 8, 8, 1)
+  real = {'image': jnp.broadcast_to(m, (512, 8, 8, 1)), 'label': batch['label']}
+  np.testing.assert_array_equal(task.loss(Echo(), None, real, jax.random.key(3))[0],
+                                plain.loss(Echo(), None, real, jax.random.key(3))[0])
+  model.seen.clear()
+  task.eval_step(model, None, batch, jax.random.key(4))
+  eval_shift = model.seen[0]
+  assert eval_shift.shape == (512, 2) and len(set(map(tuple, eval_shift.tolist()))) == p * p
+
+  model.seen.clear()
+  task.sample(model, None, jnp.arange(3), jax.random.key(1), (8, 8, 1))
+  assert len(model.seen) == n                      # one shift array a sampler call
+  guided = [k for k in range(n) if 0.3 <= k / n < 0.7]
+  for k, s in enumerate(model.seen):
+    assert s.shape == ((6, 2) if k in guided else (3, 2))
+    assert (s >= 0).all() and (s < p).all()
+    if k in guided:                                # the class and null halves share a grid
+      np.testing.assert_array_equal(s[:3], s[3:])
+  calls = np.stack([s[:3] for s in model.seen])     # [calls, images, 2]
+  assert len({c.tobytes() for c in calls}) == n     # a new draw each call
+  with pytest.raises(ValueError, match='shift_period -1'):
+    diffusion.FlowMatching(num_classes=10, shift_period=-1)
 
 
 class _ClassVelocity:
