@@ -13,11 +13,16 @@ from layers.linears import Dense
 from layers.mlps import gelu_tanh
 
 
-def sincos_1d(dim: int, positions: np.ndarray, max_period: float = 10000.0) -> np.ndarray:
-  """[len(positions), dim]: first half sin, second half cos, frequencies 1 / max_period^(2i/dim)."""
+def sincos_frequencies(dim: int, max_period: float = 10000.0) -> np.ndarray:
+  """[dim / 2] float64: the frequencies 1 / max_period^(2i/dim) of a dim-channel sin-cos table."""
   if dim % 2:
     raise ValueError(f'sin-cos embedding dim {dim} must be even')
-  omega = 1.0 / max_period ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  return 1.0 / max_period ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+
+
+def sincos_1d(dim: int, positions: np.ndarray, max_period: float = 10000.0) -> np.ndarray:
+  """[len(positions), dim]: first half sin, second half cos, frequencies 1 / max_period^(2i/dim)."""
+  omega = sincos_frequencies(dim, max_period)
   angles = np.asarray(positions, np.float64).reshape(-1)[:, None] * omega[None, :]
   return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32)
 
@@ -39,9 +44,7 @@ def sincos_2d_offset(dim: int, grid_size: int, offset: jax.Array) -> jax.Array:
   Offset 0 gives `sincos_2d` row for row."""
   if dim % 4:
     raise ValueError(f'2D sin-cos embedding dim {dim} must be divisible by 4')
-  quarter = dim // 4
-  omega = jnp.asarray(1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter),
-                      jnp.float32)
+  omega = jnp.asarray(sincos_frequencies(dim // 2), jnp.float32)
   cells = jnp.arange(grid_size, dtype=jnp.float32)
   rows = cells[None, :, None] + offset[:, 0, None, None].astype(jnp.float32)   # [b, g, 1]
   cols = cells[None, None, :] + offset[:, 1, None, None].astype(jnp.float32)   # [b, 1, g]
