@@ -122,39 +122,47 @@ def unpatchify(x: jax.Array, patch: int, height: int, width: int) -> jax.Array:
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, height, width, c)
 
 
-def unpatchify_overlapping(x: jax.Array, patch: int, height: int, width: int) -> jax.Array:
+def unpatchify_overlapping(x: jax.Array, patch: int, height: int, width: int,
+                           wrap: bool = False) -> jax.Array:
   """[b, (H/p)(W/p), (2p)(2p)c] -> [b, H, W, c]: each token's 2p x 2p block centred on its own
   p x p cell (reaching p/2 into each neighbour), blocks summed where they overlap, the p/2 margin
-  around the image dropped. The adjoint of a 2p x 2p convolution of stride p with p/2 padding:
-  every pixel is a sum over the tokens of up to four cells, so no pixel pair straddling a cell
-  border is decoded by one token alone. `patch` must be even."""
+  around the image dropped (with `wrap`, added to the opposite side: the image is a torus). The
+  adjoint of a 2p x 2p convolution of stride p with p/2 padding (circular with `wrap`): every
+  pixel is a sum over the tokens of up to four cells, so no pixel pair straddling a cell border
+  is decoded by one token alone. `patch` must be even."""
   if patch % 2:
     raise ValueError(f'overlapping patches need an even patch size, got {patch}')
   b, _, qqc = x.shape
   gh, gw, c = height // patch, width // patch, qqc // (4 * patch * patch)
   x = x.reshape(b, gh, gw, 2, patch, 2, patch, c)
+  m = patch // 2
   canvas = 0
   for qi in (0, 1):          # the block's quadrants land on the cell and its neighbours
     for qj in (0, 1):
       quad = x[:, :, :, qi, :, qj].transpose(0, 1, 3, 2, 4, 5).reshape(b, height, width, c)
-      canvas = canvas + jnp.pad(quad, ((0, 0), (qi * patch, (1 - qi) * patch),
-                                       (qj * patch, (1 - qj) * patch), (0, 0)))
-  m = patch // 2
-  return canvas[:, m:m + height, m:m + width]
+      if wrap:
+        canvas = canvas + jnp.roll(quad, (qi * patch - m, qj * patch - m), axis=(1, 2))
+      else:
+        canvas = canvas + jnp.pad(quad, ((0, 0), (qi * patch, (1 - qi) * patch),
+                                         (qj * patch, (1 - qj) * patch), (0, 0)))
+  return canvas if wrap else canvas[:, m:m + height, m:m + width]
 
 
-def patchify_overlapping(x: jax.Array, patch: int, margin: int) -> jax.Array:
+def patchify_overlapping(x: jax.Array, patch: int, margin: int,
+                         wrap: bool = False) -> jax.Array:
   """[b, H, W, c] -> [b, (H/p)(W/p), w*w*c] with w = p + 2 * margin: each token's w x w window
   centred on its own p x p cell (reaching `margin` pixels into each neighbour, zeros beyond the
-  image), pixels row-major over the window. The input of a w x w convolution of stride p with
-  `margin` padding; margin p/2 makes it the adjoint of `unpatchify_overlapping`."""
+  image, or with `wrap` the opposite side's pixels), pixels row-major over the window. The
+  input of a w x w convolution of stride p with `margin` padding (circular with `wrap`); margin
+  p/2 makes it the adjoint of `unpatchify_overlapping` with the same `wrap`."""
   b, hh, ww, c = x.shape
   if hh % patch or ww % patch:
     raise ValueError(f'image size {hh}x{ww} is not divisible by patch size {patch}')
   if not 0 <= margin <= min(hh, ww):
     raise ValueError(f'patch margin {margin} must be in [0, {min(hh, ww)}] for {hh}x{ww} images')
   gh, gw, w = hh // patch, ww // patch, patch + 2 * margin
-  padded = jnp.pad(x, ((0, 0), (margin, margin), (margin, margin), (0, 0)))
+  padded = jnp.pad(x, ((0, 0), (margin, margin), (margin, margin), (0, 0)),
+                   mode='wrap' if wrap else 'constant')
   # strided slices, one per window row and then per window column: 2w slices instead of a gather
   rows = jnp.stack([padded[:, u:u + gh * patch:patch] for u in range(w)], axis=2)
   win = jnp.stack([rows[:, :, :, v:v + gw * patch:patch] for v in range(w)], axis=4)
@@ -167,17 +175,19 @@ class PatchEmbed(nn.Module):
   The kernel is the conv kernel [p, p, c, d] flattened row-major to [p*p*c, d]. With a
   `margin` the window grows by that many pixels on each side, still centred on the patch
   (`patchify_overlapping`), so pixel pairs across a patch border are seen together by both
-  tokens and not only through attention.
+  tokens and not only through attention. With `wrap` the windows at the border reach around to
+  the opposite side (the image taken as a torus) instead of into zeros.
   """
   patch: int
   features: int
   dtype: jnp.dtype = jnp.float32
   margin: int = 0
+  wrap: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.margin:
-      patches = patchify_overlapping(x, self.patch, self.margin)            # [b, l, w*w*c]
+      patches = patchify_overlapping(x, self.patch, self.margin, self.wrap)  # [b, l, w*w*c]
     else:
       patches = patchify(x, self.patch)                                     # [b, l, p*p*c]
     return Dense(self.features, ('patch', 'embed'), dtype=self.dtype, name='proj')(patches)

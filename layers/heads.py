@@ -45,7 +45,10 @@ class FinalAdaLN(nn.Module):
   puts a 3x3 convolution after its linear decoder for the same reason.
 
   With `overlap` the Dense writes a 2p x 2p block a token instead, centred on its patch and
-  summed with its neighbours' where they overlap (embeddings.unpatchify_overlapping)."""
+  summed with its neighbours' where they overlap (embeddings.unpatchify_overlapping).
+
+  With `wrap` the image is a torus: overlapping blocks and the convolution's window reach around
+  the border to the opposite side instead of into zeros."""
   patch: int
   channels: int
   height: int
@@ -53,6 +56,7 @@ class FinalAdaLN(nn.Module):
   norm_eps: float = 1e-6
   conv_features: int = 0
   overlap: bool = False
+  wrap: bool = False
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -69,10 +73,13 @@ class FinalAdaLN(nn.Module):
     x = Dense(side * side * k, ('embed', 'patch'), kernel_init=init, dtype=self.dtype,
               name='proj')(x)
     if self.overlap:
-      return unpatchify_overlapping(x, self.patch, self.height, self.width)
+      return unpatchify_overlapping(x, self.patch, self.height, self.width, self.wrap)
     x = unpatchify(x, self.patch, self.height, self.width)
     if self.conv_features:
-      x = Conv(self.channels, (3, 3), kernel_init=nn.initializers.zeros_init(),
+      padding = 'SAME'
+      if self.wrap:
+        x, padding = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='wrap'), 'VALID'
+      x = Conv(self.channels, (3, 3), padding=padding, kernel_init=nn.initializers.zeros_init(),
                dtype=self.dtype, name='conv')(x)
     return x
 

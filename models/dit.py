@@ -14,6 +14,13 @@ phase: (H/p + 1)^2 tokens, each position the patch's own in image coordinates (a
 sin-cos position), and the output cropped back to [b, H, W, c]. The parameters do not depend on
 it. Trained and sampled with random shifts (tasks/diffusion `shift_period`), no pixel lies on a
 patch border more often than another, so the per-patch errors no longer line up into a grid.
+
+With `shift_mode='roll'` the image is instead rolled by the shift, as on a torus: the same H/p x
+W/p tokens, the rows and columns pushed past one edge entering at the other, and each token at
+its patch's position in image coordinates as above (so the tokens at the wrap hold pixels from
+both edges, which the fractional position tells apart). Overlapping patch windows, decoder
+blocks and the decoder's convolution wrap around with it, and the output is rolled back. No
+extra tokens: the shift costs next to nothing.
 """
 from __future__ import annotations
 
@@ -25,6 +32,8 @@ from layers.embeddings import Embed, PatchEmbed, TimestepEmbed, sincos_2d, sinco
 from layers.heads import FinalAdaLN
 from layers.sharding import shard
 from layers.transformers import SIZES, Backbone, block_flops  # noqa: F401  (SIZES: for users)
+
+SHIFT_MODES = ('pad', 'roll')
 
 
 class DiT(nn.Module):
@@ -47,6 +56,7 @@ class DiT(nn.Module):
   decoder_conv: int = 0        # > 0: channels of a 3x3 convolution after the patch decoder
   decoder_overlap: bool = False  # each token decodes a 2p x 2p block, overlapping its neighbours
   embed_margin: int = 0          # each token embeds its patch and this many pixels around it
+  shift_mode: str = 'pad'        # how `shift` moves the grid: 'pad' (a larger canvas) | 'roll'
 
   @property
   def null_class(self) -> int:
@@ -60,19 +70,25 @@ class DiT(nn.Module):
       raise ValueError(f'image size {hh}x{ww} is not divisible by patch {self.patch}')
     if self.hidden % self.heads:
       raise ValueError(f'hidden {self.hidden} is not divisible by heads {self.heads}')
+    if self.shift_mode not in SHIFT_MODES:
+      raise ValueError(f'shift_mode {self.shift_mode!r}: one of {SHIFT_MODES}')
+    roll = shift is not None and self.shift_mode == 'roll'
     out_h, out_w = hh, ww
     if shift is None:
       pos = jnp.asarray(sincos_2d(self.hidden, hh // self.patch))[None]
     else:
       if shift.shape != (b, 2):
         raise ValueError(f'shift has shape {shift.shape}; it takes [batch, 2] = [{b}, 2] pixels')
-      hh, ww = hh + self.patch, ww + self.patch                        # the canvas
-      canvas = jnp.zeros((hh, ww, c), x.dtype)
-      x = jax.vmap(lambda img, s: jax.lax.dynamic_update_slice(canvas, img, (s[0], s[1], 0)))(
-          x, shift)
+      if roll:
+        x = jax.vmap(lambda img, s: jnp.roll(img, (s[0], s[1]), axis=(0, 1)))(x, shift)
+      else:
+        hh, ww = hh + self.patch, ww + self.patch                      # the canvas
+        canvas = jnp.zeros((hh, ww, c), x.dtype)
+        x = jax.vmap(lambda img, s: jax.lax.dynamic_update_slice(canvas, img, (s[0], s[1], 0)))(
+            x, shift)
       pos = sincos_2d_offset(self.hidden, hh // self.patch, -shift / self.patch)
     h = PatchEmbed(self.patch, self.hidden, dtype=self.dtype, margin=self.embed_margin,
-                   name='patch_embed')(x)                                         # [b, l, d]
+                   wrap=roll, name='patch_embed')(x)                              # [b, l, d]
     h = h + pos.astype(self.dtype)
     h = shard(h, ('act_batch', 'act_len', 'act_embed'))
     cond = TimestepEmbed(self.hidden, dtype=self.dtype, name='t_embed')(t * self.time_scale)
@@ -84,8 +100,11 @@ class DiT(nn.Module):
                  residual_dtype=self.residual_dtype, fused_qkv=self.fused_qkv,
                  dtype=self.dtype, name='backbone')(h, cond)
     out = FinalAdaLN(self.patch, c, hh, ww, conv_features=self.decoder_conv,
-                     overlap=self.decoder_overlap, dtype=self.dtype, name='final')(h, cond)
-    if shift is not None:
+                     overlap=self.decoder_overlap, wrap=roll, dtype=self.dtype,
+                     name='final')(h, cond)
+    if roll:
+      out = jax.vmap(lambda o, s: jnp.roll(o, (-s[0], -s[1]), axis=(0, 1)))(out, shift)
+    elif shift is not None:
       out = jax.vmap(lambda o, s: jax.lax.dynamic_slice(o, (s[0], s[1], 0), (out_h, out_w, c)))(
           out, shift)
     return out.astype(jnp.float32)
@@ -96,7 +115,8 @@ def flops_per_example(image_size: int, channels: int, patch: int, hidden: int, d
                       decoder_overlap: bool = False, embed_margin: int = 0,
                       grid_shift: bool = False, **_) -> int:
   """Forward matmul and convolution FLOPs for one image (2 per multiply-add); with `grid_shift`
-  those of the canvas one patch larger that a shifted grid needs."""
+  those of the canvas one patch larger that a grid shifted by padding needs (shift_mode 'pad';
+  'roll' costs no FLOPs)."""
   if grid_shift:
     image_size += patch
   l, d = (image_size // patch) ** 2, hidden

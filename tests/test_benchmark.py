@@ -175,8 +175,10 @@ def test_measure_matmul_tflops(dtype):
     ('DiT_T_FashionMNIST', ['DECODER_OVERLAP=True', 'EMBED_MARGIN=0', 'DEPTH=1', 'PATCH=14']),
     # 28x28 windows of 14-pixel patches: the embedding ~15% of the count, 4x the plain one's
     ('DiT_T_FashionMNIST', ['EMBED_MARGIN=7', 'DECODER_OVERLAP=False', 'DEPTH=1', 'PATCH=14']),
-    # a shifted grid runs on a canvas one 14-pixel patch larger: 9 tokens instead of 4
-    ('DiT_T_FashionMNIST', ['GRID_SHIFT=True', 'DEPTH=1', 'PATCH=14'])])
+    # a grid shifted by padding runs on a canvas one 14-pixel patch larger: 9 tokens instead of
+    # 4; rolled, it keeps the 4
+    ('DiT_T_FashionMNIST', ['GRID_SHIFT=pad', 'DEPTH=1', 'PATCH=14']),
+    ('DiT_T_FashionMNIST', ['GRID_SHIFT=roll', 'DEPTH=1', 'PATCH=14'])])
 def test_analytic_forward_flops_match_xla(name, extra):
   """models/*.flops_per_example against XLA's cost analysis of the compiled forward pass.
 
@@ -200,7 +202,8 @@ def test_analytic_forward_flops_match_xla(name, extra):
   batch = 2
   inputs = task.init_inputs(batch)  # DiT: (x, t, y); ViT: (images,); GPT: (tokens [b, SEQ_LEN],)
   params = jax.eval_shape(lambda: model.init(jax.random.key(0), *task.init_inputs(1)))['params']
-  kw = {'shift': jnp.ones((batch, 2), jnp.int32)} if 'GRID_SHIFT=True' in extra else {}
+  shifted = any(e.startswith('GRID_SHIFT=') for e in extra)
+  kw = {'shift': jnp.ones((batch, 2), jnp.int32)} if shifted else {}
   forward = jax.jit(lambda p, *xs: model.apply({'params': p}, *xs, **kw))
   cost = forward.lower(params, *inputs).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost   # a list of one dict in old jax

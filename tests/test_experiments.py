@@ -85,8 +85,10 @@ def test_dotted_override_and_literal_parsing():
     ('ViT_T_FashionMNIST', ['CPU_DEVICES=0'], 'CPU_DEVICES=0 must be at least 1'),
     ('DiT_T_FashionMNIST', ['DECODER_OVERLAP=True', 'PATCH=7'],
      'DECODER_OVERLAP needs an even PATCH (got 7) and DECODER_CONV=0 (got 0)'),
-    ('DiT_T_FashionMNIST_Latent', ['GRID_SHIFT=True'],
+    ('DiT_T_FashionMNIST_Latent', ['GRID_SHIFT=pad'],
      'GRID_SHIFT shifts the patch grid by 0 to PATCH - 1 pixels, so it needs PATCH >= 2 (got 1)'),
+    ('DiT_T_FashionMNIST', ['GRID_SHIFT=torus'], "GRID_SHIFT='torus': use one of 'none', 'pad', "
+     "'roll'"),
     ('DiT_T_FashionMNIST', ['EMBED_MARGIN=-1'],
      'EMBED_MARGIN=-1: the pixels each patch embedding reaches into its neighbours, from 0 to '
      'the input size 28'),

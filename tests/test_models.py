@@ -280,6 +280,105 @@ def test_dit_grid_shift_moves_the_grid_not_the_image():
   assert float(jnp.abs(out[0] - out[2]).mean()) > 1e-3
 
 
+def test_dit_rolled_grid_is_the_padded_one_with_its_edge_tokens_merged():
+  """shift_mode='roll': the image is rolled by the shift instead of placed on a larger canvas,
+  so the token count stays (H/p)(W/p). Token i then covers the image rows and columns that the
+  padded canvas's token i covers, at the same position, and only the wrapped tokens differ:
+  those hold the pixels past the far edge where the canvas had zeros. With the blocks at their
+  adaLN-Zero identity and a plain decoder (each pixel decoded from its own token), roll and pad
+  agree on every pixel outside the wrapped rows and columns, and a change to the last image row
+  reaches the first rows under roll only. The whole model (margins and overlapping blocks
+  wrapping, attention) keeps each image's grid its own."""
+  p, n = 4, 12
+  x = jax.random.normal(jax.random.key(0), (2, n, n, 1))
+  t, y = jnp.array([0.3, 0.8]), jnp.array([1, 4])
+  s = jnp.array([[1, 3], [2, 0]], jnp.int32)
+
+  def perturbed(model, skip=()):
+    params = nn.unbox(model.init(jax.random.key(1), x, t, y))['params']
+    leaves, tree = jax.tree.flatten({k: v for k, v in params.items() if k not in skip})
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    moved = tree.unflatten([w + 0.3 * jax.random.normal(k, w.shape)
+                            for w, k in zip(leaves, keys)])
+    return {**params, **moved}
+
+  kw = dict(image_size=n, channels=1, patch=p, hidden=32, depth=2, heads=4, num_classes=5)
+  pad, roll = dit.DiT(**kw), dit.DiT(**kw, shift_mode='roll')
+  params = perturbed(pad, skip=('backbone',))     # the same parameters fit both
+  run = lambda model, x: np.asarray(model.apply({'params': params}, x, t, y, shift=s))
+  rolled, padded = run(roll, x), run(pad, x)
+  assert rolled.shape == x.shape
+  for k, (sr, sc) in enumerate(np.asarray(s)):    # rows and columns that no wrapped token holds
+    inner = (slice(p - sr, n - sr), slice(p - sc, n - sc))
+    assert_close_f32(rolled[k][inner], padded[k][inner], err_msg=f'image {k} away from the wrap')
+    assert np.abs(rolled[k] - padded[k]).max() > 1e-3
+  last_row = x.at[:, n - 1].add(1.0)
+  moved_roll, moved_pad = run(roll, last_row), run(pad, last_row)
+  # image 0 wraps 1 row: its first p - 1 rows share a token with the last row under roll
+  assert np.abs(moved_roll[0, :p - 1] - rolled[0, :p - 1]).min() > 0
+  np.testing.assert_array_equal(moved_pad[0, :p - 1], padded[0, :p - 1])
+
+  full = dit.DiT(**kw, embed_margin=2, decoder_overlap=True, shift_mode='roll')
+  params_full = perturbed(full)
+  both = full.apply({'params': params_full}, x, t, y, shift=s)
+  for k in range(2):
+    alone = full.apply({'params': params_full}, x[k:k + 1], t[k:k + 1], y[k:k + 1],
+                       shift=s[k:k + 1])
+    assert_close_f32(both[k:k + 1], alone, err_msg=f'image {k} alone')
+  unshifted = full.apply({'params': params_full}, x, t, y, shift=jnp.zeros_like(s))
+  assert float(jnp.abs(both - unshifted).mean()) > 1e-3
+  with pytest.raises(ValueError, match="shift_mode 'torus': one of"):
+    dit.DiT(**kw, shift_mode='torus').init(jax.random.key(1), x, t, y)
+
+
+def test_wrapped_windows_and_blocks_reach_around_the_image():
+  """wrap=True: a window at the border takes the opposite side's pixels instead of zeros
+  (cut out pixel by pixel from NumPy's wrap padding), an overlapping block at the border adds
+  its overhang to the opposite side (indices taken modulo the image size), and the two are
+  each other's adjoint at margin p/2, as the zero-padded pair is. The decoder's 3x3
+  convolution wraps too: the bottom-right token reaches the top-left pixel."""
+  from layers.embeddings import patchify_overlapping, unpatchify_overlapping
+  rng = np.random.default_rng(0)
+  p, gh, gw, c, m = 4, 2, 3, 2, 3
+  hh, ww, w = gh * p, gw * p, p + 2 * m
+  x = rng.normal(size=(2, hh, ww, c)).astype(np.float32)
+  padded = np.pad(x, ((0, 0), (m, m), (m, m), (0, 0)), mode='wrap')
+  want = np.zeros((2, gh * gw, w, w, c), np.float32)
+  for i in range(gh):
+    for j in range(gw):
+      want[:, i * gw + j] = padded[:, i * p:i * p + w, j * p:j * p + w]
+  np.testing.assert_array_equal(patchify_overlapping(jnp.asarray(x), p, m, wrap=True),
+                                want.reshape(2, gh * gw, -1))
+
+  blocks = rng.normal(size=(2, gh * gw, 4 * p * p * c))
+  canvas = np.zeros((2, hh, ww, c))
+  b = blocks.reshape(2, gh, gw, 2 * p, 2 * p, c)
+  for i in range(gh):
+    for j in range(gw):
+      for u in range(2 * p):
+        for v in range(2 * p):
+          canvas[:, (i * p + u - p // 2) % hh, (j * p + v - p // 2) % ww] += b[:, i, j, u, v]
+  got = unpatchify_overlapping(jnp.asarray(blocks, jnp.float32), p, hh, ww, wrap=True)
+  assert_close_f32(got, canvas, err_msg='wrapped overlap-add')
+  # <patchify(x), blocks> == <x, unpatchify(blocks)>
+  lhs = np.vdot(np.asarray(patchify_overlapping(jnp.asarray(x), p, p // 2, wrap=True)), blocks)
+  rhs = np.vdot(x, np.asarray(got))
+  np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
+
+  from layers.heads import FinalAdaLN
+  h = jax.random.normal(jax.random.key(0), (1, gh * gw, 16))
+  cond = jax.random.normal(jax.random.key(1), (1, 16))
+  moved = h.at[0, -1].add(1.0)                                  # the bottom-right token
+  for wrap in (False, True):
+    head = FinalAdaLN(p, 1, hh, ww, conv_features=4, wrap=wrap)
+    params = nn.unbox(head.init(jax.random.key(2), h, cond)['params'])
+    params['conv']['kernel'] = jax.random.normal(jax.random.key(3), params['conv']['kernel'].shape)
+    out = lambda h: np.asarray(head.apply({'params': params}, h, cond))[0, :, :, 0]
+    delta = np.abs(out(moved) - out(h))
+    assert (delta[0, 0] > 0) == wrap, f'wrap={wrap}: top-left pixel moved by {delta[0, 0]}'
+    assert delta[1:p - 1, 1:ww - p - 1].max() == 0       # nor more than a pixel beyond it
+
+
 @pytest.mark.parametrize('p, margin', [(4, 2), (4, 4), (3, 1)])
 def test_dit_patch_embed_margin_is_a_centred_strided_convolution(p, margin):
   """embed_margin m: each token embeds the (p + 2m) x (p + 2m) window centred on its p x p patch,
