@@ -36,6 +36,11 @@ from layers.transformers import SIZES, Backbone, block_flops  # noqa: F401  (SIZ
 SHIFT_MODES = ('pad', 'roll')
 
 
+def _roll_each(x: jax.Array, shift: jax.Array) -> jax.Array:
+  """x [b, H, W, c], each image rolled down and right by its own shift [b, 2] pixels."""
+  return jax.vmap(lambda img, s: jnp.roll(img, (s[0], s[1]), axis=(0, 1)))(x, shift)
+
+
 class DiT(nn.Module):
   image_size: int
   channels: int
@@ -80,7 +85,7 @@ class DiT(nn.Module):
       if shift.shape != (b, 2):
         raise ValueError(f'shift has shape {shift.shape}; it takes [batch, 2] = [{b}, 2] pixels')
       if roll:
-        x = jax.vmap(lambda img, s: jnp.roll(img, (s[0], s[1]), axis=(0, 1)))(x, shift)
+        x = _roll_each(x, shift)
       else:
         hh, ww = hh + self.patch, ww + self.patch                      # the canvas
         canvas = jnp.zeros((hh, ww, c), x.dtype)
@@ -103,7 +108,7 @@ class DiT(nn.Module):
                      overlap=self.decoder_overlap, wrap=roll, dtype=self.dtype,
                      name='final')(h, cond)
     if roll:
-      out = jax.vmap(lambda o, s: jnp.roll(o, (-s[0], -s[1]), axis=(0, 1)))(out, shift)
+      out = _roll_each(out, -shift)
     elif shift is not None:
       out = jax.vmap(lambda o, s: jax.lax.dynamic_slice(o, (s[0], s[1], 0), (out_h, out_w, c)))(
           out, shift)

@@ -234,6 +234,16 @@ def test_dit_overlapping_decoder_adds_centred_blocks_as_numpy_does():
     FinalAdaLN(p, 1, 8, 8, overlap=True, conv_features=4).init(jax.random.key(2), h, cond)
 
 
+def perturbed_dit(model, x, t, y, skip=()):
+  """The DiT's parameters with every weight outside the top-level modules in `skip` moved by
+  normal(0.3) noise: its zero-initialised heads would otherwise hide everything."""
+  params = nn.unbox(model.init(jax.random.key(1), x, t, y))['params']
+  leaves, tree = jax.tree.flatten({k: v for k, v in params.items() if k not in skip})
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  moved = tree.unflatten([w + 0.3 * jax.random.normal(k, w.shape) for w, k in zip(leaves, keys)])
+  return {**params, **moved}
+
+
 def test_dit_grid_shift_moves_the_grid_not_the_image():
   """shift [b, 2]: the image sits that many pixels into a zero canvas one patch larger, the
   tokens' positions are their patches' in image coordinates, and the output is cropped back."""
@@ -241,18 +251,9 @@ def test_dit_grid_shift_moves_the_grid_not_the_image():
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
   t, y = jnp.array([0.3, 0.8]), jnp.array([1, 4])
 
-  def perturbed(model, skip=()):
-    # the zero-initialised heads would hide everything: move every weight outside `skip`
-    params = nn.unbox(model.init(jax.random.key(1), x, t, y))['params']
-    leaves, tree = jax.tree.flatten({k: v for k, v in params.items() if k not in skip})
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    moved = tree.unflatten([w + 0.3 * jax.random.normal(k, w.shape)
-                            for w, k in zip(leaves, keys)])
-    return {**params, **moved}
-
   model = dit.DiT(image_size=8, channels=1, patch=p, hidden=32, depth=2, heads=4, num_classes=5,
                   embed_margin=2, decoder_overlap=True)
-  params = perturbed(model)
+  params = perturbed_dit(model, x, t, y)
   run = lambda x, t, y, **kw: model.apply({'params': params}, x, t, y, **kw)
   # no shift: the plain model on the image padded by a patch below and right, cropped
   zero = run(x, t, y, shift=jnp.zeros((2, 2), jnp.int32))
@@ -273,7 +274,7 @@ def test_dit_grid_shift_moves_the_grid_not_the_image():
   # and grid together by a whole patch (shift p, one past the range the task draws) changes no
   # output pixel, while a shift within a patch does
   local = dit.DiT(image_size=8, channels=1, patch=p, hidden=32, depth=2, heads=4, num_classes=5)
-  params_local = perturbed(local, skip=('backbone',))
+  params_local = perturbed_dit(local, x, t, y, skip=('backbone',))
   out = [local.apply({'params': params_local}, x, t, y, shift=jnp.array(s_, jnp.int32))
          for s_ in ([[0, 0], [0, 0]], [[p, p], [p, 0]], [[1, 3], [2, 2]])]
   np.testing.assert_array_equal(out[0], out[1])
@@ -294,17 +295,9 @@ def test_dit_rolled_grid_is_the_padded_one_with_its_edge_tokens_merged():
   t, y = jnp.array([0.3, 0.8]), jnp.array([1, 4])
   s = jnp.array([[1, 3], [2, 0]], jnp.int32)
 
-  def perturbed(model, skip=()):
-    params = nn.unbox(model.init(jax.random.key(1), x, t, y))['params']
-    leaves, tree = jax.tree.flatten({k: v for k, v in params.items() if k not in skip})
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    moved = tree.unflatten([w + 0.3 * jax.random.normal(k, w.shape)
-                            for w, k in zip(leaves, keys)])
-    return {**params, **moved}
-
   kw = dict(image_size=n, channels=1, patch=p, hidden=32, depth=2, heads=4, num_classes=5)
   pad, roll = dit.DiT(**kw), dit.DiT(**kw, shift_mode='roll')
-  params = perturbed(pad, skip=('backbone',))     # the same parameters fit both
+  params = perturbed_dit(pad, x, t, y, skip=('backbone',))     # the same parameters fit both
   run = lambda model, x: np.asarray(model.apply({'params': params}, x, t, y, shift=s))
   rolled, padded = run(roll, x), run(pad, x)
   assert rolled.shape == x.shape
@@ -319,7 +312,7 @@ def test_dit_rolled_grid_is_the_padded_one_with_its_edge_tokens_merged():
   np.testing.assert_array_equal(moved_pad[0, :p - 1], padded[0, :p - 1])
 
   full = dit.DiT(**kw, embed_margin=2, decoder_overlap=True, shift_mode='roll')
-  params_full = perturbed(full)
+  params_full = perturbed_dit(full, x, t, y)
   both = full.apply({'params': params_full}, x, t, y, shift=s)
   for k in range(2):
     alone = full.apply({'params': params_full}, x[k:k + 1], t[k:k + 1], y[k:k + 1],
