@@ -23,6 +23,7 @@ from typing import Any
 import fiddle as fdl
 
 from layers import attentions, transformers
+from trainer import state as state_lib
 from trainer.optimizer import adamw
 
 REGISTRY: dict[str, type['Experiment']] = {}
@@ -47,6 +48,7 @@ class LoopSettings:
   ema_decay: float = 0.0
   max_bad_steps: int = 10          # consecutive non-finite steps (updates skipped) before stopping
   mesh: dict = dataclasses.field(default_factory=lambda: {'data': 1, 'fsdp': -1, 'tensor': 1})
+  grad_sync: str = 'auto'          # trainer/state.resolve_grad_sync
   flops_per_example: int = 0       # forward matmul FLOPs, for TFLOP/s and MFU
   tokens_per_example: int = 0      # > 0 for language models: logs perf/tokens_per_s
   experiment: str = ''
@@ -109,6 +111,10 @@ class Experiment:
   # JAX devices a CPU-only host is split into (trainer/host_devices.py says why); 1 is JAX's own
   # default. The environment's XLA_FLAGS device count or JAX_NUM_CPU_DEVICES wins over it.
   CPU_DEVICES = 1
+  # how data shards sum their gradients: 'spmd' (XLA's partitioner, per parameter), 'flat' (one
+  # all-reduce of them all; data-parallel meshes only) or 'auto' ('flat' on a data-parallel CPU
+  # mesh, where it made the 2-device ViT step NNNx faster: docs/PERFORMANCE.md)
+  GRAD_SYNC = 'auto'
   MAX_BAD_STEPS = 10              # consecutive steps with non-finite loss/grads, then stop
 
   # Knob ranges checked by validate(), for whichever of them an experiment has.
@@ -121,7 +127,7 @@ class Experiment:
                    'FID_BATCH', 'DATA_WORKERS', 'DECODER_CONV')
   CHOICES = {'LR_SCHEDULE': ('constant', 'cosine'), 'DTYPE': ('float32', 'bfloat16'),
              'RESIDUAL_DTYPE': ('float32', 'bfloat16'),
-             'ATTENTION_IMPL': attentions.IMPLEMENTATIONS, 'REMAT': transformers.REMAT_POLICIES}
+             'ATTENTION_IMPL': attentions.IMPLEMENTATIONS, 'GRAD_SYNC': state_lib.GRAD_SYNCS, 'REMAT': transformers.REMAT_POLICIES}
 
   def __init_subclass__(cls, abstract: bool = False, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -203,6 +209,7 @@ class Experiment:
         log_every=self.LOG_EVERY, eval_every=self.EVAL_EVERY, eval_batches=self.EVAL_BATCHES,
         sample_every=self.SAMPLE_EVERY, ckpt_every=self.CKPT_EVERY, keep_ckpts=self.KEEP_CKPTS,
         ema_decay=self.EMA_DECAY, max_bad_steps=self.MAX_BAD_STEPS, mesh=dict(self.MESH),
+        grad_sync=self.GRAD_SYNC,
         flops_per_example=int(self.flops_per_example()),
         tokens_per_example=int(self.tokens_per_example()), experiment=type(self).__name__)
 

@@ -290,7 +290,8 @@ def prepare(exp_name: str, overrides=(), seed: int = 0, log=print,
 
   # ---------------------------------------------------------------- state (trainer/state.py)
   init_state = state_lib.make_init_state(model, task, tx, s.ema_decay)
-  train_step = state_lib.make_train_step(model, task, tx, lr_fn, s.ema_decay, codec)
+  train_step = state_lib.make_train_step(model, task, tx, lr_fn, s.ema_decay, codec, mesh,
+                                         s.grad_sync)
   key = jax.random.key(s.seed)
   state_shardings, _ = state_lib.shard_state(init_state, key, mesh, rules)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -168,7 +168,8 @@ def train(run, workdir: str, config_text: str = '', knobs: dict | None = None,
 
     # -------------------------------------------------------------- steps ---------------------
     frozen, frozen_shardings = state_lib.place_frozen(codec, mesh, rules)
-    train_step = state_lib.make_train_step(model, task, tx, lr_fn, s.ema_decay, codec)
+    train_step = state_lib.make_train_step(model, task, tx, lr_fn, s.ema_decay, codec, mesh,
+                                           s.grad_sync)
     train_step = jax.jit(train_step,
                          in_shardings=(state_shardings, batch_sharding, frozen_shardings),
                          out_shardings=(state_shardings, replicated), donate_argnums=0)

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 from flax import struct
+from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from layers import sharding
@@ -112,19 +113,74 @@ def place_frozen(codec, mesh, rules=sharding.DEFAULT_RULES):
   return params, shardings
 
 
-def make_train_step(model, task, tx, lr_fn, ema_decay: float, codec=None):
+GRAD_SYNCS = ('auto', 'spmd', 'flat')
+
+
+def resolve_grad_sync(grad_sync: str, mesh) -> str:
+  """'spmd' or 'flat', as `make_train_step` will run, for a GRAD_SYNC knob value and a mesh.
+
+  'spmd': XLA's partitioner reduces each gradient where it is made, one collective per
+  parameter (inside the scan's loop for scanned blocks); accelerators overlap these with the
+  backward pass. 'flat': each data shard takes its own gradients and one all-reduce of them all,
+  flattened into one vector, ends the step; on a CPU that is much cheaper (XLA's CPU collectives
+  synchronise the devices' threads once per operand: docs/PERFORMANCE.md). It needs the
+  parameters whole on every device, a mesh that is data-parallel only. 'auto': 'flat' for such
+  a mesh of CPU devices, 'spmd' otherwise."""
+  if grad_sync not in GRAD_SYNCS:
+    raise TrainError(f'GRAD_SYNC={grad_sync!r}: use one of {", ".join(map(repr, GRAD_SYNCS))}')
+  data_only = (mesh is not None and mesh.shape.get('data', 1) > 1
+               and all(size == 1 for axis, size in mesh.shape.items() if axis != 'data'))
+  if grad_sync == 'flat' and not data_only:
+    shape = None if mesh is None else dict(mesh.shape)
+    raise TrainError(f'GRAD_SYNC=flat reduces the gradients over the data axis alone, but the '
+                     f'mesh is {shape}: it needs data > 1 and every other axis 1 (e.g. MESH='
+                     "{'data': -1, 'fsdp': 1, 'tensor': 1}), or GRAD_SYNC=spmd")
+  if grad_sync == 'auto':
+    cpu = mesh is not None and mesh.devices.flat[0].platform == 'cpu'
+    return 'flat' if data_only and cpu else 'spmd'
+  return grad_sync
+
+
+def data_parallel_grads(loss_and_grad, mesh, axis: str = 'data'):
+  """`loss_and_grad(params, batch, rng) -> ((loss, aux), grads)` run on each data shard of the
+  batch alone, the results averaged over the shards by one all-reduce of one flat vector. Exact
+  for losses and aux metrics that are means over the batch (every task's are) and equal shards
+  (batch_sharding makes them so). Each shard draws from its own key: `rng` with the shard's
+  index folded in, the same draws wherever its rows are computed."""
+  n = mesh.shape[axis]
+
+  def local(params, batch, rng):
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis))
+    # the body sees one device's block: logical sharding constraints have nothing to split
+    with nn.logical_axis_rules(()):
+      out = loss_and_grad(params, batch, rng)
+    flat, unravel = ravel_pytree(out)
+    return unravel(jax.lax.psum(flat, axis) / n)
+
+  # check_vma=False: the layers' custom VJPs (LayerNorm, GELU) return per-shard cotangents for
+  # replicated params, which the varying-axis checker refuses; the psum above makes them whole
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis), P()), out_specs=P(),
+                       check_vma=False)
+
+
+def make_train_step(model, task, tx, lr_fn, ema_decay: float, codec=None, mesh=None,
+                    grad_sync: str = 'spmd'):
   """(state, batch, frozen) -> (state, metrics): one optimizer step; jit it with the state
   donated. uint8 images become floats in [-1, 1] here, on the device. With a `codec` (a frozen
   VAE whose params are `frozen`), the batch's images then become latents, drawn with this step's
-  key."""
+  key. `grad_sync` ('auto' | 'spmd' | 'flat', over `mesh`): how the data shards' gradients are
+  summed (resolve_grad_sync)."""
+  loss_and_grad = jax.value_and_grad(lambda p, b, r: task.loss(model, p, b, r), has_aux=True)
+  if resolve_grad_sync(grad_sync, mesh) == 'flat':
+    loss_and_grad = data_parallel_grads(loss_and_grad, mesh)
+
   def train_step(state, batch, frozen=None):
     batch = prepare_images(batch)
     # a fresh key per step from the stored one: a resumed run draws what a straight one did
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if codec is not None:
       batch = codec.prepare(frozen, batch, jax.random.fold_in(rng, CODEC_STREAM))
-    (loss, aux), grads = jax.value_and_grad(
-        lambda p: task.loss(model, p, batch, rng), has_aux=True)(state.params)
+    (loss, aux), grads = loss_and_grad(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema
