@@ -212,14 +212,34 @@ def stack_blocks(backbone_params: dict, depth: int) -> dict:
 
 
 def unstack_blocks(backbone_params: dict) -> dict:
-  """Inverse of `stack_blocks`: {'blocks': [depth, ...] leaves} -> {'block0': ..., ...}."""
+  """Inverse of `stack_blocks`: {'blocks': [depth, ...] leaves} -> {'block0': ..., ...}. Leaves
+  still boxed with logical names (nn.LogicallyPartitioned, as `init` returns them) lose the
+  leading 'layers' name with the axis."""
   if 'blocks' not in backbone_params:
     raise ValueError('not a scanned backbone: no "blocks" entry')
   stacked = backbone_params['blocks']
-  depth = jax.tree.leaves(stacked)[0].shape[0]
+  boxed = lambda x: isinstance(x, nn.Partitioned)
+  first = jax.tree.leaves(stacked, is_leaf=boxed)[0]
+  depth = (first.value if boxed(first) else first).shape[0]
+
+  def take(x, i):
+    if boxed(x):
+      return x.replace(value=x.value[i], names=x.names[1:])
+    return x[i]
+
   rest = {k: v for k, v in backbone_params.items() if k != 'blocks'}
-  return {**rest, **{f'block{i}': jax.tree.map(lambda x, i=i: x[i], stacked)
+  return {**rest, **{f'block{i}': jax.tree.map(lambda x, i=i: take(x, i), stacked, is_leaf=boxed)
                      for i in range(depth)}}
+
+
+def unstack_all(params):
+  """Every scanned backbone in a params tree (a dict holding 'blocks') unstacked, wherever it
+  sits: the model's whole tree -> its SCAN_LAYERS=False layout."""
+  if not isinstance(params, dict):
+    return params
+  if 'blocks' in params:
+    params = unstack_blocks(params)
+  return {k: unstack_all(v) for k, v in params.items()}
 
 
 def _is_block_key(key: str) -> bool:

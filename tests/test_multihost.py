@@ -67,7 +67,8 @@ def losses(workdir):
   return dict(read_scalars(os.path.join(workdir, 'tensorboard'))['learning/loss'])
 
 
-def check_two_process_run(p0, p1, wd, reference, steps):
+def check_two_process_run(p0, p1, wd, reference, steps,
+                          mesh="{'data': 1, 'fsdp': 4, 'tensor': 1}"):
   """Same global batch, same losses: each process fed its half, and the halves made the whole;
   process 0 alone wrote events and drew the progress bar; both wrote checkpoint shards."""
   got, want = losses(wd), losses(reference)
@@ -75,7 +76,7 @@ def check_two_process_run(p0, p1, wd, reference, steps):
   assert_close_f32([got[s] for s in steps], [want[s] for s in steps], rel=1e-5)
   assert 'process 0 of 2 reads rows 0-3 of each global batch of 8' in p0.stderr
   assert 'process 1 of 2 reads rows 4-7 of each global batch of 8' in p1.stderr
-  assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1} over 4 devices (2 processes)" in p1.stderr
+  assert f"mesh {mesh} over 4 devices (2 processes)" in p1.stderr
   assert len(os.listdir(os.path.join(wd, 'tensorboard'))) == 1
   assert ('it/s' in p0.stderr or 's/it' in p0.stderr)
   assert 'it/s' not in p1.stderr and 's/it' not in p1.stderr
@@ -114,6 +115,19 @@ def test_two_processes_match_one_and_sigterm_to_one_stops_both(tmp_path, tmp_pat
   assert stops[0] == stops[1] >= 3
   assert os.listdir(os.path.join(wd, 'checkpoints')) == [str(stops[0])]
   check_two_process_run(p0, p1, wd, reference, range(1, min(stops[0], 6) + 1))
+
+
+def test_two_processes_data_parallel_sum_their_gradients_in_one_all_reduce(tmp_path,
+                                                                          tmp_path_factory):
+  """A data-parallel mesh over two hosts' CPUs: GRAD_SYNC's default sums each step's gradients
+  in one gloo all-reduce of one vector, and the losses are the one-process FSDP run's."""
+  reference, _ = family_run(tmp_path_factory, 'ViT_T_Synthetic')
+  wd = str(tmp_path / 'two')
+  p0, p1 = launch_two('--exp=ViT_T_Synthetic', f'--workdir={wd}', *FAMILY_RUN,
+                      '--set', 'NUM_STEPS=3', '--set', "MESH={'data': -1, 'fsdp': 1}")
+  check_two_process_run(p0, p1, wd, reference, (1, 2, 3),
+                        mesh="{'data': 4, 'fsdp': 1, 'tensor': 1}")
+  assert 'gradients summed by one flat all-reduce (GRAD_SYNC=auto)' in p0.stderr
 
 
 def test_gpt_checkpoints_move_between_one_and_two_processes(tmp_path, tmp_path_factory):

@@ -126,8 +126,10 @@ def train(run, workdir: str, config_text: str = '', knobs: dict | None = None,
   rules = sharding.DEFAULT_RULES
   batch_sharding = state_lib.batch_sharding(mesh, s.global_batch)
   replicated = NamedSharding(mesh, P())
-  logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size,
-               jax.process_count())
+  grad_sync = state_lib.resolve_grad_sync(s.grad_sync, mesh)   # refused here, before anything
+  logging.info('mesh %s over %d devices (%d processes), gradients summed by %s (GRAD_SYNC=%s)',
+               dict(mesh.shape), mesh.size, jax.process_count(),
+               'one flat all-reduce' if grad_sync == 'flat' else "XLA's partitioner", s.grad_sync)
   rows = state_lib.process_rows(batch_sharding, s.global_batch)
   logging.info('process %d of %d reads rows %s of each global batch of %d',
                jax.process_index(), jax.process_count(), _ranges(rows), s.global_batch)
@@ -169,7 +171,7 @@ def train(run, workdir: str, config_text: str = '', knobs: dict | None = None,
     # -------------------------------------------------------------- steps ---------------------
     frozen, frozen_shardings = state_lib.place_frozen(codec, mesh, rules)
     train_step = state_lib.make_train_step(model, task, tx, lr_fn, s.ema_decay, codec, mesh,
-                                           s.grad_sync)
+                                           grad_sync)
     train_step = jax.jit(train_step,
                          in_shardings=(state_shardings, batch_sharding, frozen_shardings),
                          out_shardings=(state_shardings, replicated), donate_argnums=0)

@@ -13,7 +13,7 @@ from flax import struct
 from jax.flatten_util import ravel_pytree
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from layers import sharding
+from layers import sharding, transformers
 from tasks.common import prepare_images
 
 
@@ -69,10 +69,22 @@ class TrainState:
   rng: jax.Array           # raw uint32 key data (Orbax stores no typed keys)
 
 
+def init_params(model, task, key):
+  """The model's params, still boxed with their names. A model with unscanned blocks
+  (scan_layers=False) draws them as its scanned twin does and unstacks them: SCAN_LAYERS changes
+  the layout and the speed, never the initial draw (flax derives each block's key differently
+  in the two layouts)."""
+  inputs = task.init_inputs(1)
+  if getattr(model, 'scan_layers', True):
+    return model.init(key, *inputs)['params']
+  twin = model.clone(scan_layers=True)
+  return transformers.unstack_all(twin.init(key, *inputs)['params'])
+
+
 def make_init_state(model, task, tx, ema_decay: float):
   """key -> TrainState whose params (and optimizer moments) are still boxed with their names."""
   def init_state(key):
-    params = model.init(key, *task.init_inputs(1))['params']
+    params = init_params(model, task, key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       ema=params if ema_decay else None,
                       rng=jax.random.key_data(jax.random.fold_in(key, 1)))
