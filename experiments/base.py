@@ -114,7 +114,7 @@ class Experiment:
   CPU_DEVICES = 1
   # how data shards sum their gradients: 'spmd' (XLA's partitioner, per parameter), 'flat' (one
   # all-reduce of them all; data-parallel meshes only) or 'auto' ('flat' on a data-parallel CPU
-  # mesh, where it made the 2-device ViT step NNNx faster: docs/PERFORMANCE.md)
+  # mesh, where it made the 2-device ViT step 1.08-1.12x faster: docs/PERFORMANCE.md)
   GRAD_SYNC = 'auto'
   MAX_BAD_STEPS = 10              # consecutive steps with non-finite loss/grads, then stop
 
