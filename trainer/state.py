@@ -157,8 +157,9 @@ def data_parallel_grads(loss_and_grad, mesh, axis: str = 'data'):
   """`loss_and_grad(params, batch, rng) -> ((loss, aux), grads)` run on each data shard of the
   batch alone, the results averaged over the shards by one all-reduce of one flat vector. Exact
   for losses and aux metrics that are means over the batch (every task's are) and equal shards
-  (batch_sharding makes them so). Each shard draws from its own key: `rng` with the shard's
-  index folded in, the same draws wherever its rows are computed."""
+  (batch_sharding makes them so). Each shard draws from its own key, `rng` with the shard's
+  index folded in, so a task's random draws depend on the number of shards (the partitioner's
+  step draws for the whole batch at once, whatever the mesh)."""
   n = mesh.shape[axis]
 
   def local(params, batch, rng):
