@@ -56,7 +56,8 @@ class ViT_T_FashionMNIST(data.FashionMNISTData, ViT):
   epochs, random 1-pixel translations) on the host split into 2 data-parallel devices, LR 3e-3,
   evaluated on an EMA of the weights: 91.5% over all 10k test images for the default seed
   (seeds 1 and 2: 91.0% and 91.1%), about 8 minutes on 2 cores at a 413-453 GFLOP/s matmul
-  rate (0.026 s a step), 14-16 on the slowest machine measured (165-174 GFLOP/s). The wider ViT-T/7 (hidden 128, depth 6) sees 3 epochs in about as
+  rate (0.026 s a step), 14-16 on the slowest machine measured (165-174 GFLOP/s, under
+  other tenants' load). The wider ViT-T/7 (hidden 128, depth 6) sees 3 epochs in about as
   long and reaches 86.6%: on a CPU, epochs matter more than width here. The
   ablations (width, depth, steps, a convolutional stem, mean pooling, augmentation, devices, LR
   and EMA) are in docs/RESULTS.md."""
