@@ -128,7 +128,8 @@ class Experiment:
                    'FID_BATCH', 'DATA_WORKERS', 'DECODER_CONV')
   CHOICES = {'LR_SCHEDULE': ('constant', 'cosine'), 'DTYPE': ('float32', 'bfloat16'),
              'RESIDUAL_DTYPE': ('float32', 'bfloat16'),
-             'ATTENTION_IMPL': attentions.IMPLEMENTATIONS, 'GRAD_SYNC': state_lib.GRAD_SYNCS, 'REMAT': transformers.REMAT_POLICIES}
+             'ATTENTION_IMPL': attentions.IMPLEMENTATIONS, 'REMAT': transformers.REMAT_POLICIES,
+             'GRAD_SYNC': state_lib.GRAD_SYNCS}
 
   def __init_subclass__(cls, abstract: bool = False, **kwargs):
     super().__init_subclass__(**kwargs)
