@@ -48,7 +48,10 @@ Timing: both steps are compiled, run `--warmup` times each, then `--steps` round
 reference step and one of ours (each blocked on), alternating so that load from other processes
 falls on both alike. The table gives medians and ratio = reference ms / our ms (> 1: ours is
 faster); the paired ratio is the median over rounds of the two steps' ratio within a round,
-steadier where other processes load the machine unevenly. `--profile_dir` then traces
+steadier where other processes load the machine unevenly. On a CPU the table also gives each
+side's share of the machine's matmul rate (measured before and after the rounds, as
+tools/benchmark.py does) for the same analytic FLOP count, and the ceiling that share puts on
+the ratio (share_of_matmul_rate). `--profile_dir` then traces
 `--profile_steps` more steps of each side and prints where XLA's CPU ops spent the time, by kind
 of op and by op (sums of the trace's event durations; on a GPU the trace holds no such events).
 
@@ -392,6 +395,7 @@ def build_ours(family: str, extra=(), seed: int = 0, log=print) -> dict:
             f'EMA {exp.EMA_DECAY}' if exp.EMA_DECAY else 'no EMA']
   return {'run': run, 'state': p.state, 'params': int(p.param_count),
           'compile_s': p.compile_time_s, 'experiment': exp_name, 'overrides': overrides,
+          'train_flops': 3 * p.settings.flops_per_example * p.settings.global_batch,
           'includes': (f'AdamW (lr {exp.LR} after {exp.WARMUP}-step warmup, wd '
                        f'{exp.WEIGHT_DECAY}), {", ".join(extras)}; grad/param norms, '
                        'finite-step guard'),
@@ -453,20 +457,47 @@ def op_profile(side: dict, steps: int, trace_dir: str) -> tuple[dict[str, float]
   return dict(totals), 1e3 * wall
 
 
+def share_of_matmul_rate(train_flops: float, result: dict, before: dict, after: dict) -> dict:
+  """Each side's share of the CPU's matmul rate, and the ceiling that puts on the ratio.
+
+  Both sides run the same matmuls (the same backbone, heads and batch; our GPT's head has 47
+  padded vocabulary rows more, under 0.1%), so one analytic count, ours (3 x forward matmul FLOPs
+  a step, trainer/flops.py), times both. The rate is the larger of tools/benchmark.py's square
+  matmul measured just before and just after the timed rounds, in our compute dtype. `ceiling` =
+  that rate / the reference's achieved rate: the ratio a step doing the same arithmetic would
+  reach at the full matmul rate. Where it is near 1 the reference is already matmul-bound and no
+  implementation of the same model can be much faster on this machine. {} off the CPU backend."""
+  rates = [r for r in (*before.values(), *after.values()) if r]
+  if not rates:
+    return {}
+  peak = max(rates)
+  out = {'matmul_tflops': peak, 'train_tflops_per_step': train_flops / 1e12}
+  for name in ('reference', 'ours'):
+    achieved = train_flops / result[name]['step_s'] / 1e12
+    out[f'{name}_tflops'] = achieved
+    out[f'{name}_share'] = achieved / peak
+  out['ceiling'] = peak / out['reference_tflops']
+  return out
+
+
 # ------------------------------------------------------------------ output ---------------------
 def markdown_table(results: list[dict]) -> str:
   lines = ['| family | reference ms | ours ms | ratio (ref / ours) | paired ratio | '
+           'share of matmul rate (ref / ours) | ceiling | '
            'reference params | our params | compile s (ref / ours) |',
-           '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
+           '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
   for r in results:
     if 'error' in r:
-      lines.append(f"| {r['family']} | FAILED: {r['error'].splitlines()[0][:120]} | | | | | | |")
+      lines.append(f"| {r['family']} | FAILED: {r['error'].splitlines()[0][:120]} "
+                   '| | | | | | | | |')
       continue
     ref, ours = r['reference'], r['ours']
     paired = r.get('ratio_paired')
+    share = (f"{r['reference_share']:.2f} / {r['ours_share']:.2f}" if 'ceiling' in r else '-')
+    ceiling = f"{r['ceiling']:.2f}x" if 'ceiling' in r else '-'
     lines.append(f"| {r['family']} | {1e3 * ref['step_s']:.1f} | {1e3 * ours['step_s']:.1f} | "
                  f"{r['ratio']:.2f}x | {'-' if paired is None else f'{paired:.2f}x'} | "
-                 f"{ref['params']:,} | {ours['params']:,} | "
+                 f"{share} | {ceiling} | {ref['params']:,} | {ours['params']:,} | "
                  f"{ref['compile_s']:.1f} / {ours['compile_s']:.1f} |")
   return '\n'.join(lines)
 
@@ -493,7 +524,10 @@ def run_family(family: str, args, modules, log) -> dict:
            'ours': build_ours(family, args.set, args.seed, log)}
   log(f"{family}: params reference {sides['reference']['params']:,}, ours "
       f"{sides['ours']['params']:,}; {args.warmup} warm-up + {args.steps} alternating rounds")
+  dtype = sides['ours']['dtype']
+  before = _benchmark_module().matmul_rates([dtype])
   times = alternate(sides, args.steps, args.warmup, log)
+  after = _benchmark_module().matmul_rates([dtype])
   result = {'family': family, 'steps': args.steps, 'warmup': args.warmup,
             'shape': SHAPES[family], 'backbone': {'hidden': HIDDEN, 'depth': DEPTH,
                                                   'heads': HEADS, 'mlp_ratio': MLP_RATIO},
@@ -502,6 +536,7 @@ def run_family(family: str, args, modules, log) -> dict:
     result[name] = {k: v for k, v in side.items() if k not in ('run', 'state')}
     result[name].update(step_s=statistics.median(times[name]), step_times_s=times[name])
   result['ratio'] = result['reference']['step_s'] / result['ours']['step_s']
+  result.update(share_of_matmul_rate(sides['ours']['train_flops'], result, before, after))
   # each round's two steps ran back to back: their ratio cancels load that drifts over the run
   result['ratio_paired'] = statistics.median(
       r / o for r, o in zip(times['reference'], times['ours']))
