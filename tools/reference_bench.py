@@ -463,7 +463,7 @@ def share_of_matmul_rate(train_flops: float, result: dict, before: dict, after: 
   Both sides run the same matmuls (the same backbone, heads and batch; our GPT's head has 47
   padded vocabulary rows more, under 0.1%), so one analytic count, ours (3 x forward matmul FLOPs
   a step, trainer/flops.py), times both. The rate is the larger of tools/benchmark.py's square
-  matmul measured just before and just after the timed rounds, in our compute dtype. `ceiling` =
+  matmul measured before the warm-up and after the timed rounds, in our compute dtype. `ceiling` =
   that rate / the reference's achieved rate: the ratio a step doing the same arithmetic would
   reach at the full matmul rate. Where it is near 1 the reference is already matmul-bound and no
   implementation of the same model can be much faster on this machine. {} off the CPU backend."""
