@@ -106,20 +106,19 @@ def test_table_has_a_row_per_family_and_failures_are_rows():
   assert 'more' not in lines[3]
   assert all(l.count('|') == lines[0].count('|') for l in lines)
   assert lines[2].split('|')[6:8] == [' - ', ' - ']      # no matmul rate: no share, no ceiling
-  ok.update(rb.share_of_matmul_rate(3.0e11, ok, {'float32': 0.25}, {'float32': 0.3}))
+  ok.update(rb.share_of_peak(1000, 1.0e8, ok, 0.3))       # 3e11 FLOPs a step
   assert rb.markdown_table([ok]).splitlines()[2].split('|')[6:8] == [' 1.00 / 0.50 ', ' 1.00x ']
 
 
-def test_share_of_matmul_rate_is_flops_over_time_over_the_larger_rate():
+def test_share_of_peak_is_train_flops_over_time_over_the_peak():
   result = {'reference': {'step_s': 0.5}, 'ours': {'step_s': 0.4}}
-  out = rb.share_of_matmul_rate(6.0e10, result, {'float32': 0.2}, {'float32': 0.16})
-  assert out['matmul_tflops'] == 0.2                         # the larger of the two
+  out = rb.share_of_peak(1000, 2.0e7, result, 0.2)          # 3 x 1000 x 2e7 = 6e10 FLOPs
   np.testing.assert_allclose(out['reference_tflops'], 0.12)  # 6e10 FLOPs in 0.5 s
   np.testing.assert_allclose(out['ours_tflops'], 0.15)
   np.testing.assert_allclose(out['reference_share'], 0.6)
   np.testing.assert_allclose(out['ours_share'], 0.75)
-  np.testing.assert_allclose(out['ceiling'], 0.2 / 0.12)     # the most a 100% step could gain
-  assert rb.share_of_matmul_rate(6.0e10, result, {}, {}) == {}   # off the CPU: no rate
+  np.testing.assert_allclose(out['ceiling'], 0.2 / 0.12)     # the most a step at the peak gains
+  assert rb.share_of_peak(1000, 2.0e7, result, None) == {}   # no peak known: no share
 
 
 def test_reference_dir_must_hold_the_reference(tmp_path):

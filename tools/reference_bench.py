@@ -48,10 +48,10 @@ Timing: both steps are compiled, run `--warmup` times each, then `--steps` round
 reference step and one of ours (each blocked on), alternating so that load from other processes
 falls on both alike. The table gives medians and ratio = reference ms / our ms (> 1: ours is
 faster); the paired ratio is the median over rounds of the two steps' ratio within a round,
-steadier where other processes load the machine unevenly. On a CPU the table also gives each
-side's share of the machine's matmul rate (measured before and after the rounds, as
-tools/benchmark.py does) for the same analytic FLOP count, and the ceiling that share puts on
-the ratio (share_of_matmul_rate). `--profile_dir` then traces
+steadier where other processes load the machine unevenly. The table also gives each side's
+share of the peak tools/benchmark.py takes (on a CPU the larger of the matmul rates measured
+before and after the rounds, elsewhere the datasheet's) for the same analytic FLOP count, and
+the ceiling that puts on the ratio (share_of_peak). `--profile_dir` then traces
 `--profile_steps` more steps of each side and prints where XLA's CPU ops spent the time, by kind
 of op and by op (sums of the trace's event durations; on a GPU the trace holds no such events).
 
@@ -395,7 +395,8 @@ def build_ours(family: str, extra=(), seed: int = 0, log=print) -> dict:
             f'EMA {exp.EMA_DECAY}' if exp.EMA_DECAY else 'no EMA']
   return {'run': run, 'state': p.state, 'params': int(p.param_count),
           'compile_s': p.compile_time_s, 'experiment': exp_name, 'overrides': overrides,
-          'train_flops': 3 * p.settings.flops_per_example * p.settings.global_batch,
+          'flops_per_example': p.settings.flops_per_example,
+          'batch': p.settings.global_batch,
           'includes': (f'AdamW (lr {exp.LR} after {exp.WARMUP}-step warmup, wd '
                        f'{exp.WEIGHT_DECAY}), {", ".join(extras)}; grad/param norms, '
                        'finite-step guard'),
@@ -457,23 +458,21 @@ def op_profile(side: dict, steps: int, trace_dir: str) -> tuple[dict[str, float]
   return dict(totals), 1e3 * wall
 
 
-def share_of_matmul_rate(train_flops: float, result: dict, before: dict, after: dict) -> dict:
-  """Each side's share of the CPU's matmul rate, and the ceiling that puts on the ratio.
+def share_of_peak(flops_per_example: int, batch: int, result: dict, peak: float | None) -> dict:
+  """Each side's share of `peak` (TFLOP/s, tools/benchmark.py's peak_fields), and the ceiling
+  that puts on the ratio.
 
   Both sides run the same matmuls (the same backbone, heads and batch; our GPT's head has 47
-  padded vocabulary rows more, under 0.1%), so one analytic count, ours (3 x forward matmul FLOPs
-  a step, trainer/flops.py), times both. The rate is the larger of tools/benchmark.py's square
-  matmul measured before the warm-up and after the timed rounds, in our compute dtype. `ceiling` =
-  that rate / the reference's achieved rate: the ratio a step doing the same arithmetic would
-  reach at the full matmul rate. Where it is near 1 the reference is already matmul-bound and no
-  implementation of the same model can be much faster on this machine. {} off the CPU backend."""
-  rates = [r for r in (*before.values(), *after.values()) if r]
-  if not rates:
+  padded vocabulary rows more, under 0.1%), so one analytic count, ours (trainer/flops.py),
+  times both. `ceiling` = peak / the reference's achieved TFLOP/s: the ratio a step doing the same
+  arithmetic would reach at the peak. Where it is near 1 the reference is already at the peak and
+  no implementation of the same model can be much faster there. {} without a peak."""
+  from trainer import flops
+  if not peak:
     return {}
-  peak = max(rates)
-  out = {'matmul_tflops': peak, 'train_tflops_per_step': train_flops / 1e12}
+  out = {}
   for name in ('reference', 'ours'):
-    achieved = train_flops / result[name]['step_s'] / 1e12
+    achieved = flops.train_tflops_per_device(flops_per_example, batch / result[name]['step_s'], 1)
     out[f'{name}_tflops'] = achieved
     out[f'{name}_share'] = achieved / peak
   out['ceiling'] = peak / out['reference_tflops']
@@ -483,7 +482,7 @@ def share_of_matmul_rate(train_flops: float, result: dict, before: dict, after: 
 # ------------------------------------------------------------------ output ---------------------
 def markdown_table(results: list[dict]) -> str:
   lines = ['| family | reference ms | ours ms | ratio (ref / ours) | paired ratio | '
-           'share of matmul rate (ref / ours) | ceiling | '
+           'share of peak (ref / ours) | ceiling | '
            'reference params | our params | compile s (ref / ours) |',
            '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
   for r in results:
@@ -524,10 +523,10 @@ def run_family(family: str, args, modules, log) -> dict:
            'ours': build_ours(family, args.set, args.seed, log)}
   log(f"{family}: params reference {sides['reference']['params']:,}, ours "
       f"{sides['ours']['params']:,}; {args.warmup} warm-up + {args.steps} alternating rounds")
-  dtype = sides['ours']['dtype']
-  before = _benchmark_module().matmul_rates([dtype])
+  bench, dtype = _benchmark_module(), sides['ours']['dtype']
+  before = bench.matmul_rates([dtype])
   times = alternate(sides, args.steps, args.warmup, log)
-  after = _benchmark_module().matmul_rates([dtype])
+  peak = bench.peak_fields(dtype, before, bench.matmul_rates([dtype]))
   result = {'family': family, 'steps': args.steps, 'warmup': args.warmup,
             'shape': SHAPES[family], 'backbone': {'hidden': HIDDEN, 'depth': DEPTH,
                                                   'heads': HEADS, 'mlp_ratio': MLP_RATIO},
@@ -536,7 +535,9 @@ def run_family(family: str, args, modules, log) -> dict:
     result[name] = {k: v for k, v in side.items() if k not in ('run', 'state')}
     result[name].update(step_s=statistics.median(times[name]), step_times_s=times[name])
   result['ratio'] = result['reference']['step_s'] / result['ours']['step_s']
-  result.update(share_of_matmul_rate(sides['ours']['train_flops'], result, before, after))
+  result.update(peak)
+  result.update(share_of_peak(result['ours']['flops_per_example'], result['ours']['batch'],
+                              result, peak['peak_tflops_per_device']))
   # each round's two steps ran back to back: their ratio cancels load that drifts over the run
   result['ratio_paired'] = statistics.median(
       r / o for r, o in zip(times['reference'], times['ours']))
