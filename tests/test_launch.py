@@ -131,7 +131,7 @@ def test_cpu_devices_knob_splits_the_host_unless_the_environment_says(monkeypatc
       [sys.executable, os.path.join(ROOT, 'launch.py'), '--exp=ViT_T_FashionMNIST', '--dry_run',
        *a], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600))
   out = run(bare)
-  # its MESH keeps the 0.2M parameters whole on both devices (data parallel)
+  # its MESH keeps the 0.14M parameters whole on both devices (data parallel)
   assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1} over 2 devices" in out.stdout
   assert 'CPU split into 2 device(s) (CPU_DEVICES)' in out.stderr
   out = run(bare, '--set', 'CPU_DEVICES=4')
