@@ -80,7 +80,8 @@ class ViT_T_FashionMNIST(data.FashionMNISTData, ViT):
   # devices run two of them at once, 1.5-1.6x faster on 2 cores (docs/PERFORMANCE.md)
   CPU_DEVICES = 2
   # 0.14M parameters: both devices keep them whole and all-reduce the gradients once a step,
-  # instead of gathering each layer's shards (FSDP): 1.18x faster a step (docs/PERFORMANCE.md)
+  # instead of gathering each layer's shards (FSDP): 1.18x faster a step at the earlier 0.2M
+  # (MLP ratio 4; docs/PERFORMANCE.md)
   MESH = {'data': -1, 'fsdp': 1, 'tensor': 1}
   # four blocks unrolled: no stacked buffers to fill and slice, 1.06x a step (docs/PERFORMANCE.md);
   # the same initial draw as the scanned blocks (trainer/state.init_params)
