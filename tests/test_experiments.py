@@ -34,6 +34,24 @@ def test_experiment_builds_and_dry_runs_at_full_size(name):
   assert sharded == (dict(cls.MESH).get('fsdp', 1) != 1), table[:2000]
 
 
+# What ViT_T_FashionMNIST_Judge learns from: every DiT judgement in docs/RESULTS.md was made
+# with this recipe. It subclasses ViT_T_FashionMNIST, whose recipe keeps moving (its MLP ratio
+# did on 2026-12-04), so a change there must be pinned in the judge, not inherited.
+JUDGE_RECIPE = {
+    'HIDDEN': 128, 'DEPTH': 6, 'HEADS': 4, 'MLP_RATIO': 4.0, 'PATCH': 7, 'STEM': 'patch',
+    'POOL': 'cls', 'EMBED_MARGIN': 0, 'FUSED_QKV': False, 'GLOBAL_BATCH': 128, 'NUM_STEPS': 400,
+    'LR': 1e-3, 'WARMUP': 40, 'LR_SCHEDULE': 'cosine', 'WEIGHT_DECAY': 0.05, 'GRAD_CLIP': 1.0,
+    'ADAM_B1': 0.9, 'ADAM_B2': 0.999, 'EMA_DECAY': 0.0, 'LABEL_SMOOTHING': 0.0, 'MIXUP': 0.0,
+    'SHIFT': 0, 'ERASE': 0.0, 'SEED': 0, 'DTYPE': 'float32', 'SCAN_LAYERS': True,
+    'MESH': {'data': 1, 'fsdp': -1, 'tensor': 1}, 'CPU_DEVICES': 1}
+
+
+def test_the_judge_keeps_the_recipe_its_judgements_were_made_with():
+  exp, cfg = base.build_config('ViT_T_FashionMNIST_Judge')
+  assert {k: getattr(exp, k) for k in JUDGE_RECIPE} == JUDGE_RECIPE
+  assert int(launch.dry_run(cfg).rsplit('params: ', 1)[1]) == 1_197_706
+
+
 def test_dit_xl_has_675m_parameters():
   _, cfg = base.build_config('DiT_XL_Synthetic')   # DiT-XL/2 on 32x32x4 latents, as the paper
   params = int(launch.dry_run(cfg).rsplit('params: ', 1)[1])
