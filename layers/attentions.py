@@ -22,17 +22,22 @@ def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
   """softmax(q k^T / sqrt(h)) v with the softmax in float32.
 
   q [b, l, n, h], k/v [b, s, n, h]; mask broadcastable to [b, n, l, s] (True = may attend).
-  `causal` masks key j > query i (for l == s). 'einsum' is the readable reference; 'xla',
-  'cudnn' and 'auto' go through jax.nn.dot_product_attention ('auto' lets JAX choose).
+  `causal` masks key j > query i (for l == s). 'einsum' is the readable reference; 'xla' and
+  'cudnn' go through jax.nn.dot_product_attention; 'auto' takes cuDNN's fused kernel where
+  `fused_kernel_applies` says it does, and XLA's otherwise.
   """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'attention impl {impl!r}; choose one of {IMPLEMENTATIONS}')
   scale = 1.0 / math.sqrt(q.shape[-1])
+  if impl == 'auto' and fused_kernel_applies(q, mask):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                          implementation='cudnn')
+    except (NotImplementedError, ValueError):  # a shape or layout cuDNN's checks refuse
+      impl = 'xla'
   if impl != 'einsum':
-    out = jax.nn.dot_product_attention(
-        q, k, v, mask=mask, scale=scale, is_causal=causal,
-        implementation=None if impl == 'auto' else impl)
-    return out
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
+                                        implementation='xla' if impl == 'auto' else impl)
   logits = matmuls.einsum('blnh,bsnh->bnls', q, k, q.dtype, out_dtype=jnp.float32) * scale
   if causal:
     l, s = logits.shape[-2:]
@@ -42,6 +47,25 @@ def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
     logits = jnp.where(mask, logits, _MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return matmuls.einsum('bnls,bsnh->blnh', probs, v, v.dtype)
+
+
+def fused_kernel_applies(q, mask=None, device=None) -> bool:
+  """Whether 'auto' attention takes cuDNN's fused kernel: an NVIDIA GPU of compute capability 8
+  or more (`device`, default the first device), 16-bit q, a head dimension that is a multiple
+  of 8 up to 128, and no mask beyond the causal one (decoding's cache mask goes to XLA).
+
+  jax.nn.dot_product_attention(implementation=None) would not decide this: in JAX 0.11 it always
+  takes XLA's path, which on a GPU materialises the l x l scores (on one H200, 2026-12-04, GPT-B
+  ran no faster with 'auto' than with the einsum reference: docs/PERFORMANCE.md)."""
+  device = device or jax.devices()[0]
+  if device.platform != 'gpu' or mask is not None:
+    return False
+  try:
+    major = int(str(getattr(device, 'compute_capability', '')).split('.')[0])
+  except ValueError:   # not a CUDA device (ROCm names its architecture instead)
+    return False
+  h = q.shape[-1]
+  return (major >= 8 and q.dtype in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128)
 
 
 class SelfAttention(nn.Module):

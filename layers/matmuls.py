@@ -13,9 +13,13 @@ the same op, so its gradient is a float32 sum too (a sum of the 16-bit cotangent
 CPU backend otherwise turns into a slow windowed reduction). The op's output is named for
 `jax.checkpoint` policies (MATMUL, BATCHED_MATMUL), which cannot see a dot inside it.
 
-Accelerators accumulate 16-bit matmuls in float32 anyway, so there the plain dot computes the
-same and `einsum` keeps it (a bias is then added in the output dtype); `cpu_kernels` decides
-(None: on the CPU backend only). Float32 operands always take the plain path.
+Accelerators accumulate 16-bit matmuls in float32 anyway, so there a dot that returns its
+operands' dtype keeps the plain path (a bias is then added in the output dtype); `cpu_kernels`
+decides (None: on the CPU backend only). A 16-bit dot that returns float32 (attention scores,
+vocabulary logits) takes the written-out backward pass on accelerators too: autodiff would pair
+its float32 cotangent with a 16-bit operand, and XLA runs that pair as a float32 matmul (on one
+H200, 2026-12-04, GPT-B's vocabulary gradients ran as TF32 GEMMs, 8% of the step:
+docs/PERFORMANCE.md). Float32 operands always take the plain path.
 """
 from __future__ import annotations
 
@@ -42,23 +46,29 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, dtype=jnp.float32, *, bias=Non
   dtype = jnp.dtype(dtype)
   out_dtype = dtype if out_dtype is None else jnp.dtype(out_dtype)
   a, b = a.astype(dtype), b.astype(dtype)
-  if not cpu_16bit(dtype, cpu_kernels):
+  on_cpu = cpu_16bit(dtype, cpu_kernels)
+  widened = is_16bit_float(dtype) and out_dtype != dtype   # 16-bit operands, wider result
+  if not (on_cpu or widened):
     result = jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
     return result if bias is None else result + bias.astype(out_dtype)
   x, y, out = _parse(spec)
   if bias is not None and bias.ndim > len(out):
     raise ValueError(f'bias of shape {bias.shape} has more axes than the output of {spec!r}')
-  result = _einsum_f32_accumulate(spec, out_dtype, dtype, a, b, bias)
+  result = _einsum_f32_accumulate(spec, out_dtype, dtype, on_cpu, a, b, bias)
   return checkpoint_name(result, BATCHED_MATMUL if _batched(x, y, out) else MATMUL)
 
 
 def cpu_16bit(dtype, cpu_kernels: bool | None = None) -> bool:
   """Whether `dtype` is a 16-bit float on the CPU backend (`cpu_kernels`; None: decided by the
   backend), the case every written-out CPU path of this module and its users is for."""
-  dtype = jnp.dtype(dtype)
   if cpu_kernels is None:
     cpu_kernels = jax.default_backend() == 'cpu'
-  return cpu_kernels and dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)
+  return cpu_kernels and is_16bit_float(dtype)
+
+
+def is_16bit_float(dtype) -> bool:
+  dtype = jnp.dtype(dtype)
+  return dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)
 
 
 def _parse(spec: str) -> tuple[str, str, str]:
@@ -106,24 +116,24 @@ def unpack_residual(x: jax.Array, dtype) -> jax.Array:
   return jax.lax.bitcast_convert_type(x, dtype) if packed else x
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _einsum_f32_accumulate(spec, out_dtype, dtype, a, b, bias):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _einsum_f32_accumulate(spec, out_dtype, dtype, on_cpu, a, b, bias):
   acc = _dot(spec, a, b)
   return (acc if bias is None else acc + bias.astype(jnp.float32)).astype(out_dtype)
 
 
-def _forward(spec, out_dtype, dtype, a, b, bias):
-  return (_einsum_f32_accumulate(spec, out_dtype, dtype, a, b, bias),
+def _forward(spec, out_dtype, dtype, on_cpu, a, b, bias):
+  return (_einsum_f32_accumulate(spec, out_dtype, dtype, on_cpu, a, b, bias),
           (pack_residual(a), pack_residual(b), bias))
 
 
-def _backward(spec, out_dtype, dtype, saved, g):
+def _backward(spec, out_dtype, dtype, on_cpu, saved, g):
   a, b, bias = saved
   a, b = unpack_residual(a, dtype), unpack_residual(b, dtype)
   x, y, out = _parse(spec)
   bias_grad = None if bias is None else (
       reduce_to(g.astype(jnp.float32), bias.shape).astype(bias.dtype))
-  if _batched(x, y, out):
+  if on_cpu and _batched(x, y, out):
     # XLA CPU hands some transposes of a batched matmul to a kernel without bfloat16 x bfloat16
     # -> float32, which fails at run time; float32 operands run everywhere
     a_op, b_op, g = a.astype(jnp.float32), b.astype(jnp.float32), g.astype(jnp.float32)

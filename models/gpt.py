@@ -104,6 +104,14 @@ class GPT(nn.Module):
     return shard(logits, ('act_batch', 'act_len', 'act_vocab'))            # [b, l, v] float32
 
 
+def causal_skipped_flops(seq_len: int, hidden: int, depth: int) -> int:
+  """Forward FLOPs per sequence of the attention entries above the diagonal, which
+  flops_per_example counts (as the einsum and XLA paths compute them) and a fused causal kernel
+  skips: q k^T and probs v over l (l - 1) / 2 masked entries in each block. The kernel skips
+  whole tiles, so it computes a little more than the triangle that is left."""
+  return depth * 2 * 2 * hidden * (seq_len * (seq_len - 1) // 2)
+
+
 def flops_per_example(seq_len: int, hidden: int, depth: int, vocab_size: int,
                       mlp_ratio: float = 4.0, **_) -> int:
   """Forward matmul FLOPs for one sequence of `seq_len` tokens (2 per multiply-add), over the

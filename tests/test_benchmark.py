@@ -221,3 +221,25 @@ def test_peak_fields_measured_override_and_unknown():
   assert given['peak_tflops_per_device'] == 3.0 and given['peak_source'] == '--peak_tflops'
   # nothing measured and no datasheet entry (a CPU here): no peak, so no MFU
   assert benchmark.peak_fields('float32', {}, {})['peak_tflops_per_device'] is None
+
+
+def test_causal_attention_is_counted_as_the_fused_kernel_computes_it(monkeypatch):
+  """GPT with cuDNN's causal kernel: the masked triangle (above the diagonal, counted here from
+  a NumPy mask) leaves the FLOP count; the einsum/XLA paths and bidirectional models keep it."""
+  import numpy as np
+  from experiments import base
+  from layers import attentions
+  exp = lambda name, *sets: base.build_config(name, list(sets))[0]
+  gpt = exp('GPT_T_Synthetic', 'ATTENTION_IMPL=cudnn')
+  l, d, depth = gpt.SEQ_LEN, gpt.HIDDEN, gpt.DEPTH
+  masked = int(np.triu(np.ones((l, l)), 1).sum())            # entries a causal row never sees
+  full = gpt.flops_per_example()
+  assert benchmark.counted_flops(gpt, full) == (full - depth * 2 * 2 * d * masked,
+                                                'causal triangle (fused kernel)')
+  for plain in (exp('GPT_T_Synthetic', 'ATTENTION_IMPL=einsum'),
+                exp('GPT_T_Synthetic', 'ATTENTION_IMPL=auto'),        # auto on a CPU: XLA's
+                exp('ViT_T_Synthetic', 'ATTENTION_IMPL=cudnn')):     # not causal
+    assert benchmark.counted_flops(plain, 123) == (123, 'full l x l')
+  monkeypatch.setattr(attentions, 'fused_kernel_applies', lambda q, mask=None: True)
+  auto = exp('GPT_T_Synthetic', 'ATTENTION_IMPL=auto')
+  assert benchmark.counted_flops(auto, full)[0] == full - depth * 2 * 2 * d * masked

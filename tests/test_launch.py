@@ -118,8 +118,15 @@ def test_dry_run_prints_params_and_shardings():
   lines = out.stdout.splitlines()
   params = int([l for l in lines if l.startswith('params: ')][0].split()[1])
   assert abs(params / 675e6 - 1) < 0.01
+  # at-scale experiments unroll their blocks (experiments/base.AtScale): 28 of them, each MLP
+  # kernel's model dim on fsdp
+  wi = [l for l in lines if "['mlp']['wi']['kernel']" in l]
+  assert len(wi) == 28 and all("['backbone']['block" in l and l.endswith("P('fsdp', None)")
+                               for l in wi), wi[:3]
+  scanned = ok(launch('--exp=DiT_XL_ImageNet256', '--dry_run', '--set', 'SCAN_LAYERS=True',
+                      devices=8)).stdout.splitlines()
   assert any("['blocks']['mlp']['wi']['kernel']" in l and l.endswith("P(None, 'fsdp', None)")
-             for l in lines)
+             for l in scanned)
 
 
 def test_cpu_devices_knob_splits_the_host_unless_the_environment_says(monkeypatch):

@@ -1,5 +1,6 @@
 """Layers against independent NumPy references and closed forms."""
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ def np_attention(q, k, v, causal):
   return np.einsum('bnls,bsnh->blnh', p, v)
 
 
-@pytest.mark.parametrize('impl', ['einsum', 'xla'])
+@pytest.mark.parametrize('impl', ['einsum', 'xla', 'auto'])
 @pytest.mark.parametrize('causal', [False, True])
 def test_attention_matches_numpy(impl, causal):
   rng = np.random.default_rng(0)
@@ -45,6 +46,46 @@ def test_causal_attention_never_looks_ahead(impl):
     out = layer.apply(params, changed)
     np.testing.assert_allclose(out[:, :pos], base[:, :pos], atol=1e-6)  # earlier: untouched
     assert not np.allclose(out[:, pos], base[:, pos])                    # itself: changed
+
+
+def _device(platform='gpu', cc='9.0'):
+  return types.SimpleNamespace(platform=platform, compute_capability=cc)
+
+
+def test_auto_attention_takes_cudnn_only_where_the_fused_kernel_applies():
+  q = lambda dtype=jnp.bfloat16, h=64: jnp.zeros((1, 4, 2, h), dtype)
+  assert attentions.fused_kernel_applies(q(), device=_device())                  # H100 / H200
+  assert attentions.fused_kernel_applies(q(jnp.float16, 128), device=_device(cc='8.0'))
+  refused = [
+      (q(jnp.float32), None, _device()),           # cuDNN's kernel takes 16-bit inputs only
+      (q(h=12), None, _device()),                  # head dim not a multiple of 8
+      (q(h=256), None, _device()),                 # head dim over 128
+      (q(), jnp.ones((1, 1, 4, 4), bool), _device()),   # an explicit mask (decoding's cache)
+      (q(), None, _device(cc='7.5')),              # before Ampere
+      (q(), None, _device(cc='gfx90a')),           # ROCm names an architecture, not a version
+      (q(), None, _device(platform='cpu')),
+      (q(), None, _device(platform='tpu')),
+  ]
+  for args in refused:
+    assert not attentions.fused_kernel_applies(args[0], args[1], device=args[2]), args[1:]
+  assert not attentions.fused_kernel_applies(q())                   # this machine: a CPU
+
+
+def test_auto_attention_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
+  plain = jax.nn.dot_product_attention
+  asked = []
+  def refusing(*args, implementation=None, **kw):
+    asked.append(implementation)
+    if implementation == 'cudnn':
+      raise NotImplementedError('cuDNN refuses this layout')
+    return plain(*args, implementation=implementation, **kw)
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', refusing)
+  monkeypatch.setattr(attentions, 'fused_kernel_applies', lambda q, mask=None: True)
+  rng = np.random.default_rng(1)
+  q, k, v = (rng.normal(size=(2, 5, 2, 8)).astype(np.float32) for _ in range(3))
+  out = attentions.attend(*map(jnp.asarray, (q, k, v)), causal=True, impl='auto')
+  assert asked == ['cudnn', 'xla']
+  assert_close_f32(out, np_attention(q, k, v, True))
 
 
 def test_attention_rejects_unknown_impl():

@@ -77,6 +77,33 @@ def test_float32_and_accelerator_paths_are_the_plain_einsum():
   assert re.search(r'dot_general.*-> tensor<4x3xbf16>', hlo), hlo
 
 
+@pytest.mark.parametrize('spec,shapes', [('md,de->me', ((4, 8), (8, 3))),
+                                         ('bld,bsd->bls', ((2, 4, 8), (2, 5, 8)))])
+def test_accelerator_16bit_dots_widened_to_float32_keep_16bit_gradient_matmuls(spec, shapes):
+  """Attention scores and vocabulary logits: bf16 operands, a float32 result. Autodiff of that
+  dot pairs the float32 cotangent with a bf16 operand, which XLA runs as a float32 matmul; the
+  accelerator path (cpu_kernels=False) rounds the cotangent to bf16 first, so every matmul of
+  the forward and backward passes takes bf16 operands, and the gradients match autodiff's."""
+  rng = np.random.default_rng(5)
+  a, b = (rng.normal(size=s).astype(np.float32) for s in shapes)
+  g = rng.normal(size=np.einsum(spec, a, b).shape).astype(np.float32)
+  def loss(einsum):
+    return lambda a, b: jnp.sum(einsum(a, b) * g)
+  ours = loss(lambda a, b: matmuls.einsum(spec, a, b, BF16, out_dtype=jnp.float32,
+                                          cpu_kernels=False))
+  plain = loss(lambda a, b: jnp.einsum(spec, a.astype(BF16), b.astype(BF16),
+                                       preferred_element_type=jnp.float32))
+  hlo = jax.jit(jax.value_and_grad(ours, argnums=(0, 1))).lower(a, b).as_text()
+  dots = re.findall(r'stablehlo.dot_general.*: \((tensor<[^)]*)\) -> (tensor<\S+>)', hlo)
+  assert len(dots) == 3, hlo     # forward, then each operand's gradient
+  for operands, _ in dots:
+    assert operands.count('bf16') == 2 and 'f32' not in operands, operands
+  plain_hlo = jax.jit(jax.grad(plain, argnums=(0, 1))).lower(a, b).as_text()
+  assert re.search(r'stablehlo.dot_general.*: \(tensor<[^)]*f32', plain_hlo)  # what it fixes
+  for got, want in zip(jax.grad(ours, argnums=(0, 1))(a, b), jax.grad(plain, argnums=(0, 1))(a, b)):
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the CPU path: other backends keep '
                     'the plain dot (test_float32_and_accelerator_paths_are_the_plain_einsum)')
 def test_bf16_dense_compiles_to_native_bf16_dots_only():

@@ -76,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                       'the --set ones ("" for none): all compiled in this process, then timed '
                       'in alternating rounds; prints a Markdown table with each variant\'s '
                       'speed relative to the first; --out gets every result and the ratios')
+  p.add_argument('--profile', metavar='DIR',
+                 help='after the timed steps, trace 3 more with jax.profiler into DIR (a '
+                      'TensorBoard profile and a perfetto_trace.json.gz that '
+                      'tools/profile_summary.py reads); not with --compare')
   p.add_argument('--peak_tflops', type=float,
                  help='peak TFLOP/s per device for MFU, instead of the datasheet table (GPU, '
                       'TPU) or the measured matmul rate (CPU)')
@@ -86,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error('--steps must be >= 1 and --warmup >= 0')
   if args.compare is not None and len(args.compare) < 2:
     p.error('--compare needs two or more variants (use "" for the --set settings alone)')
+  if args.profile and args.compare is not None:
+    p.error('--profile traces one variant: drop --compare or --profile')
   if args.peak_tflops is not None and not args.peak_tflops > 0:
     p.error('--peak_tflops must be positive')
   return args
@@ -352,6 +358,25 @@ def peak_fields(dtype: str, before: dict, after: dict, peak_override=None) -> di
           'matmul_tflops_before': before.get(dtype), 'matmul_tflops_after': after.get(dtype)}
 
 
+def counted_flops(exp, flops_per_example: int) -> tuple[int, str]:
+  """(forward FLOPs per example as the step's attention computes them, which count): a causal
+  model whose attention runs cuDNN's fused kernel (ATTENTION_IMPL cudnn, or auto where
+  layers/attentions.fused_kernel_applies) is counted without the masked triangle it skips."""
+  import jax
+  from experiments.gpt import GPT
+  from layers import attentions
+  from models import gpt
+  full = 'full l x l'
+  if not isinstance(exp, GPT) or exp.ATTENTION_IMPL not in ('cudnn', 'auto'):
+    return flops_per_example, full
+  if exp.ATTENTION_IMPL == 'auto':
+    q = jax.ShapeDtypeStruct((1, 1, exp.HEADS, exp.HIDDEN // exp.HEADS), exp.DTYPE)
+    if not attentions.fused_kernel_applies(q):
+      return flops_per_example, full
+  skipped = gpt.causal_skipped_flops(exp.SEQ_LEN, exp.HIDDEN, exp.DEPTH)
+  return flops_per_example - skipped, 'causal triangle (fused kernel)'
+
+
 def make_result(p: Prepared, times, pipelined: float, warmup: int, peak: dict) -> dict:
   """The JSON result of one timed variant (docs/BENCHMARK.md lists the fields)."""
   import jax
@@ -362,7 +387,8 @@ def make_result(p: Prepared, times, pipelined: float, warmup: int, peak: dict) -
   step_time = statistics.median(times)
   examples_per_s = s.global_batch / step_time
   n_dev = len(devices)
-  tflops = flops.train_tflops_per_device(s.flops_per_example, examples_per_s, n_dev)
+  per_example, attention_counted = counted_flops(p.exp, s.flops_per_example)
+  tflops = flops.train_tflops_per_device(per_example, examples_per_s, n_dev)
   xla = xla_flops(p.compiled)
   loss = float(jax.device_get(p.metrics['loss']))
   knobs = {k: getattr(p.exp, k) for k in REPORTED_KNOBS if hasattr(p.exp, k)}
@@ -387,7 +413,8 @@ def make_result(p: Prepared, times, pipelined: float, warmup: int, peak: dict) -
       'step_times_s': list(times),
       'examples_per_s': examples_per_s,
       'tokens_per_s': examples_per_s * s.tokens_per_example if s.tokens_per_example else None,
-      'flops_per_example': s.flops_per_example,
+      'flops_per_example': per_example,
+      'attention_flops': attention_counted,
       'tflops_per_device': tflops,
       **peak,
       'mfu': tflops / peak['peak_tflops_per_device'] if peak['peak_tflops_per_device'] else None,
@@ -405,8 +432,10 @@ def make_result(p: Prepared, times, pipelined: float, warmup: int, peak: dict) -
 
 def run_benchmark(exp_name: str, overrides=(), steps: int = 10, warmup: int = 2,
                   seed: int = 0, log=print, random_vae: bool = False,
-                  peak_tflops: float | None = None) -> dict:
-  """One variant: prepare, `warmup` steps, then `steps` blocked steps and `steps` pipelined."""
+                  peak_tflops: float | None = None, profile_dir: str | None = None) -> dict:
+  """One variant: prepare, `warmup` steps, then `steps` blocked steps and `steps` pipelined;
+  with `profile_dir`, 3 more steps traced there (after the timings, so tracing costs them
+  nothing)."""
   p = prepare(exp_name, overrides, seed, log, random_vae)
   log(f'{warmup} warm-up + 2 x {steps} timed steps')
   for _ in range(warmup):
@@ -417,7 +446,16 @@ def run_benchmark(exp_name: str, overrides=(), steps: int = 10, warmup: int = 2,
   pipelined = p.timed_pipelined(steps)
   after = matmul_rates([p.dtype], peak_tflops)
   peak = peak_fields(p.dtype, before, after, peak_tflops)
-  return make_result(p, times, pipelined, warmup, peak)
+  result = make_result(p, times, pipelined, warmup, peak)
+  if profile_dir:
+    import jax
+    log(f'tracing 3 steps into {profile_dir}')
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+      for _ in range(3):
+        p.step()
+      p.block()
+    result['profile_dir'] = os.path.abspath(profile_dir)
+  return result
 
 
 def run_compare(exp_name: str, overrides=(), variants=(), steps: int = 10, warmup: int = 2,
@@ -570,7 +608,7 @@ def main(argv=None) -> int:
       status = int(any('error' in r for r in result['results']))
     else:
       result = run_benchmark(args.exp, args.set, args.steps, args.warmup, args.seed, log,
-                             args.random_vae, args.peak_tflops)
+                             args.random_vae, args.peak_tflops, args.profile)
       status = 0
   except Exception as e:  # a failed variant is a result too (OOM, bad knob): say which and why
     traceback.print_exc()

@@ -10,10 +10,15 @@
 #
 # Writes to $OUT (./bench_out when unset): results.json (every result, failures included, as a
 # list), table.md (the Markdown table, also printed last), bench.log (everything, environment
-# first). Three files: the device tool brings back at most 8.
+# first), and for each workload marked --profile its trace (trace_NN.json.gz, the first four)
+# with the summaries of all in profiles.md (tools/profile_summary.py). At most 8 files: the
+# device tool brings back no more.
 #
 # Environment knobs:
-#   BENCH_WORKLOADS  ';'-separated "EXP [KNOB=VALUE ...]" entries replacing the default list
+#   BENCH_WORKLOADS  ';'-separated "EXP [KNOB=VALUE ...] [--profile]" entries replacing the
+#                    default list (--profile: 3 more steps traced after the timed ones)
+#   BENCH_CHECKS     1: tools/gpu_checks.py and launch.py end to end first (default); attention:
+#                    gpu_checks.py alone; 0: none
 #   BENCH_SET        knobs set on every workload (default none)
 #   BENCH_STEPS, BENCH_WARMUP     timed and warm-up steps (default 10 and 2; quick: 3 and 1)
 #   BENCH_BUDGET_S   seconds for the whole script (default 480); workloads that no longer fit
@@ -79,9 +84,12 @@ EOF
 } 2>&1 | tee -a "$LOG"
 
 # ------------------------------------------------------------------ correctness on the device --
-if [ "${BENCH_CHECKS:-1}" = 1 ]; then
+CHECKS=${BENCH_CHECKS:-1}
+if [ "$CHECKS" = 1 ] || [ "$CHECKS" = attention ]; then
   say "== tools/gpu_checks.py (fused attention vs einsum, KV-cache decoding)"
   timeout -k 5 120 "$PYTHON" tools/gpu_checks.py 2>&1 | grep -v '^I[0-9]' | tee -a "$LOG"
+fi
+if [ "$CHECKS" = 1 ]; then
   say "== launch.py end to end: DiT_T_Synthetic 20 steps, then resumed to 30"
   E2E=$(mktemp -d "${TMPDIR:-/tmp}/e2e.XXXXXX")
   for n in 20 30; do
@@ -100,7 +108,7 @@ elif [ "${BENCH_QUICK:-0}" = 1 ]; then
   WORKLOADS=(
     "DiT_T_Synthetic ATTENTION_IMPL=einsum"
     "DiT_T_Synthetic ATTENTION_IMPL=xla"
-    "ViT_T_Synthetic"
+    "ViT_T_Synthetic --profile"
     "GPT_T_Synthetic"
     "GPT_T_Synthetic REMAT=full SCAN_LAYERS=False"
     "NoSuchExperiment"              # a failure must become a row, not stop the script
@@ -109,23 +117,24 @@ elif [ "${BENCH_QUICK:-0}" = 1 ]; then
 else
   # Most wanted first: what does not fit the budget is skipped from the end.
   WORKLOADS=(
-    # the issue's targets at the defaults (bf16, ATTENTION_IMPL=auto, SCAN_LAYERS=True) ...
-    "DiT_XL_Synthetic GLOBAL_BATCH=256"
-    "ViT_B_Synthetic"
-    "GPT_B_Synthetic"
-    # ... then each fast path off, one at a time
-    "DiT_XL_Synthetic GLOBAL_BATCH=256 ATTENTION_IMPL=einsum"
-    "DiT_XL_Synthetic GLOBAL_BATCH=256 SCAN_LAYERS=False"
-    "GPT_B_Synthetic ATTENTION_IMPL=einsum"
+    # the issue's targets at the defaults (bf16, ATTENTION_IMPL=auto: cuDNN here, blocks
+    # unrolled), each profiled (profiles.md, trace_NN.json.gz) ...
+    "DiT_XL_Synthetic GLOBAL_BATCH=256 --profile"
+    "ViT_B_Synthetic --profile"
+    "GPT_B_Synthetic --profile"
+    # ... then each fast path off, one at a time (XLA's attention is what 'auto' ran before
+    # 2026-12-04; the scan OOMed DiT-XL at batch 256 that day, so it is tried on ViT-B)
+    "DiT_XL_Synthetic GLOBAL_BATCH=256 ATTENTION_IMPL=xla"
+    "GPT_B_Synthetic ATTENTION_IMPL=xla"
+    "ViT_B_Synthetic SCAN_LAYERS=True"
     "GPT_B_Synthetic LOSS_CHUNK=0"
-    "GPT_B_Synthetic REMAT=dots_saveable"
-    "GPT_S_Synthetic"
+    "DiT_XL_Synthetic GLOBAL_BATCH=256 FUSED_QKV=True"
+    "GPT_B_Synthetic FUSED_QKV=True"
+    "GPT_B_Synthetic GLOBAL_BATCH=64"
     # the latent DiT's VAE: encoding in the step vs pre-encoded latents (docs/PERFORMANCE.md),
     # with random weights of the SD VAE's architecture (none are on the device)
     "DiT_B_ImageNet256 GLOBAL_BATCH=32 --random_vae"
     "DiT_B_ImageNet256 GLOBAL_BATCH=32 LATENTS_DIR=stored --random_vae"
-    # On 2026-11-29 the xla path's DiT-XL compile outlasted 100 s on an H200: last.
-    "DiT_XL_Synthetic GLOBAL_BATCH=256 ATTENTION_IMPL=xla"
   )
   STEPS=${BENCH_STEPS:-10}; WARMUP=${BENCH_WARMUP:-2}
 fi
@@ -150,8 +159,11 @@ for entry in "${WORKLOADS[@]}"; do
   exp=${words[0]}
   sets=("${COMMON[@]}" "${words[@]:1}")
   args=()
+  profile=
   for kv in "${sets[@]}"; do  # KNOB=VALUE, or a flag of benchmark.py itself (--random_vae)
-    if [[ $kv == --* ]]; then args+=("$kv"); else args+=(--set "$kv"); fi
+    if [[ $kv == --profile ]]; then
+      profile=$(printf '%s/prof_%02d' "$RUNS" "$i"); args+=(--profile "$profile")
+    elif [[ $kv == --* ]]; then args+=("$kv"); else args+=(--set "$kv"); fi
   done
   result=$(printf '%s/%02d.json' "$RUNS" "$i")
   left=$((BUDGET - (SECONDS - START)))
@@ -172,6 +184,17 @@ for entry in "${WORKLOADS[@]}"; do
     stub "$result" "exited with status $rc and no result (see bench.log)" "$exp" "${sets[@]}"
   fi
   say "   $("$PYTHON" tools/benchmark.py --summarize "$result" | tail -n 1) ($((SECONDS - t0))s, rc $rc)"
+  if [ -n "$profile" ]; then
+    trace=$(find "$profile" -name '*perfetto_trace.json.gz' 2>/dev/null | head -n 1)
+    if [ -n "$trace" ]; then
+      { echo "## [$i] $exp ${sets[*]}"; echo
+        "$PYTHON" tools/profile_summary.py "$trace" --top 30 2>&1; echo; } >>"$OUT/profiles.md"
+      copied=$(ls "$OUT"/trace_*.json.gz 2>/dev/null | wc -l)
+      [ "$copied" -lt 4 ] && cp "$trace" "$(printf '%s/trace_%02d.json.gz' "$OUT" "$i")"
+    else
+      echo "## [$i] $exp ${sets[*]}: no trace written" >>"$OUT/profiles.md"
+    fi
+  fi
 done
 
 # ------------------------------------------------------------------ results ---------------------
@@ -183,6 +206,10 @@ json.dump(results, open(out, 'w'), indent=2)
 EOF
 "$PYTHON" tools/benchmark.py --summarize "$OUT/results.json" >"$OUT/table.md"
 rm -rf "$RUNS"
+if [ -s "$OUT/profiles.md" ]; then  # the kinds of each profile; the kernels are in the file
+  { echo; echo "== profiles (kernels listed in profiles.md)"
+    grep -v '^| `\|^| kernel \|^| --- | ---: | ---: | ---: |' "$OUT/profiles.md" | cat -s; } | tee -a "$LOG"
+fi
 {
   echo
   echo "== done in $((SECONDS - START))s; $OUT/{results.json,table.md,bench.log}"
