@@ -68,6 +68,25 @@ def test_gpu_trace_sums_stream_kernels_by_kind(tmp_path):
   assert '| matmul | 0.18 | 60.0% |' in ps.report(s)
 
 
+def test_kinds_of_kernel_names():
+  kinds = {name: ps.kind_of(name) for name in (
+      'sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n_tilesize128x256x32', 'gemm_fusion_dot_50',
+      'cudnn_generated_fort_native_sdpa_sm90_flash_bprop', 'loop_convert_fusion',
+      'wrapped_convert', 'wrapped_select', 'input_convert_reduce_fusion_1',
+      'sm80_xmma_fprop_implicit_gemm_bf16', 'convolution.3', 'memcpy32_post',
+      'loop_dynamic_update_slice_fusion_21', 'ncclDevKernel_AllReduce_Sum_bf16', 'cuStreamWait')}
+  assert kinds == {
+      'sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n_tilesize128x256x32': 'matmul',
+      'gemm_fusion_dot_50': 'matmul',
+      'cudnn_generated_fort_native_sdpa_sm90_flash_bprop': 'attention',
+      'loop_convert_fusion': 'fusion', 'wrapped_convert': 'fusion', 'wrapped_select': 'fusion',
+      'input_convert_reduce_fusion_1': 'fusion',
+      'sm80_xmma_fprop_implicit_gemm_bf16': 'convolution',
+      'convolution.3': 'convolution', 'memcpy32_post': 'copy',
+      'loop_dynamic_update_slice_fusion_21': 'copy',
+      'ncclDevKernel_AllReduce_Sum_bf16': 'collective', 'cuStreamWait': 'other'}
+
+
 def test_cpu_trace_takes_the_xla_pool_threads_without_loop_containers(tmp_path):
   events = [
       _meta(1, '/host:CPU'), _meta(1, 'tf_XLAEigen/1', tid=5), _meta(1, 'python', tid=6),

@@ -21,14 +21,16 @@ import os
 import re
 import sys
 
-# First match wins: attention kernels (cuDNN's flash kernels) before the generic matmul pattern.
+# First match wins: attention kernels (cuDNN's flash kernels) and convolutions (implicit GEMMs)
+# before the generic matmul pattern.
 KINDS = (
     ('attention', re.compile(r'fmha|flash|sdpa|attention|cudnn', re.I)),
     ('collective', re.compile(r'nccl|all-?reduce|all-?gather|reduce-?scatter|all-?to-?all', re.I)),
+    # not 'conv' alone: XLA's dtype conversions are 'loop_convert_fusion', 'wrapped_convert'
+    ('convolution', re.compile(r'convolution|conv\d|conv_|implicit_?gemm|fprop|dgrad|wgrad', re.I)),
     ('matmul', re.compile(r'gemm|cublas|cutlass|xmma|nvjet|wgmma|sm\d+_|^dot|triton_gemm', re.I)),
-    ('convolution', re.compile(r'conv', re.I)),
     ('copy', re.compile(r'copy|transpose|memcpy|memset|dynamic.update.slice|dynamic.slice', re.I)),
-    ('fusion', re.compile(r'fusion|loop_|input_|reduce|triton|elementwise', re.I)),
+    ('fusion', re.compile(r'fusion|loop_|input_|wrapped_|reduce|triton|elementwise', re.I)),
 )
 # Host-side bookkeeping and loop containers, which enclose the ops they run (CPU traces).
 _CONTAINERS = re.compile(r'^(ThunkExecutor|ThreadpoolListener|while|conditional|call)\b')
