@@ -15,8 +15,9 @@
 # device tool brings back no more.
 #
 # Environment knobs:
-#   BENCH_WORKLOADS  ';'-separated "EXP [KNOB=VALUE ...] [--profile]" entries replacing the
-#                    default list (--profile: 3 more steps traced after the timed ones)
+#   BENCH_WORKLOADS  ';'-separated "EXP [KNOB=VALUE ...] [env:NAME=VALUE ...] [--profile]"
+#                    entries replacing the default list (env: set for that workload alone;
+#                    --profile: 3 more steps traced after the timed ones)
 #   BENCH_CHECKS     1: tools/gpu_checks.py and launch.py end to end first (default); attention:
 #                    gpu_checks.py alone; 0: none
 #   BENCH_SET        knobs set on every workload (default none)
@@ -122,14 +123,17 @@ else
     "DiT_XL_Synthetic GLOBAL_BATCH=256 --profile"
     "ViT_B_Synthetic --profile"
     "GPT_B_Synthetic --profile"
-    # ... then each fast path off, one at a time (XLA's attention is what 'auto' ran before
-    # 2026-12-04; the scan OOMed DiT-XL at batch 256 that day, so it is tried on ViT-B)
-    "DiT_XL_Synthetic GLOBAL_BATCH=256 ATTENTION_IMPL=xla"
+    # ... then each fast path off, one at a time, the short ones first (XLA's attention is
+    # what 'auto' ran before 2026-12-04; the scan OOMed DiT-XL at batch 256 that day, so it is
+    # tried on ViT-B), and XLA's Triton GEMMs off (cuBLAS for every matmul)
     "GPT_B_Synthetic ATTENTION_IMPL=xla"
     "ViT_B_Synthetic SCAN_LAYERS=True"
     "GPT_B_Synthetic LOSS_CHUNK=0"
-    "DiT_XL_Synthetic GLOBAL_BATCH=256 FUSED_QKV=True"
+    "GPT_B_Synthetic env:XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"
+    "ViT_B_Synthetic env:XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"
     "GPT_B_Synthetic FUSED_QKV=True"
+    "DiT_XL_Synthetic GLOBAL_BATCH=256 ATTENTION_IMPL=xla"
+    "DiT_XL_Synthetic GLOBAL_BATCH=256 FUSED_QKV=True"
     "GPT_B_Synthetic GLOBAL_BATCH=64"
     # the latent DiT's VAE: encoding in the step vs pre-encoded latents (docs/PERFORMANCE.md),
     # with random weights of the SD VAE's architecture (none are on the device)
@@ -159,10 +163,13 @@ for entry in "${WORKLOADS[@]}"; do
   exp=${words[0]}
   sets=("${COMMON[@]}" "${words[@]:1}")
   args=()
+  envs=()
   profile=
-  for kv in "${sets[@]}"; do  # KNOB=VALUE, or a flag of benchmark.py itself (--random_vae)
+  for kv in "${sets[@]}"; do  # KNOB=VALUE, a flag of benchmark.py itself (--random_vae), or
+                              # env:NAME=VALUE, set in this workload's environment only
     if [[ $kv == --profile ]]; then
       profile=$(printf '%s/prof_%02d' "$RUNS" "$i"); args+=(--profile "$profile")
+    elif [[ $kv == env:* ]]; then envs+=("${kv#env:}")
     elif [[ $kv == --* ]]; then args+=("$kv"); else args+=(--set "$kv"); fi
   done
   result=$(printf '%s/%02d.json' "$RUNS" "$i")
@@ -175,9 +182,16 @@ for entry in "${WORKLOADS[@]}"; do
   fi
   say "-- [$i] $exp ${sets[*]} (limit ${limit}s)"
   t0=$SECONDS
-  timeout -k 10 "$limit" "$PYTHON" tools/benchmark.py --exp="$exp" "${args[@]}" \
-      --steps "$STEPS" --warmup "$WARMUP" --out "$result" >>"$LOG" 2>&1
+  env "${envs[@]}" timeout -k 10 "$limit" "$PYTHON" tools/benchmark.py --exp="$exp" \
+      "${args[@]}" --steps "$STEPS" --warmup "$WARMUP" --out "$result" >>"$LOG" 2>&1
   rc=$?
+  if [ ${#envs[@]} -gt 0 ] && [ -s "$result" ]; then  # the row says what ran: env tokens too
+    "$PYTHON" -c 'import json, sys
+path, extra = sys.argv[1], sys.argv[2:]
+result = json.load(open(path))
+result["overrides"] = list(result.get("overrides") or []) + extra
+json.dump(result, open(path, "w"), indent=2)' "$result" "${envs[@]}"
+  fi
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
     stub "$result" "timed out after ${limit}s" "$exp" "${sets[@]}"
   elif [ ! -s "$result" ]; then
