@@ -240,9 +240,9 @@ class AtScale(Experiment, abstract=True):
   LSUN and their synthetic twins); put it first among the bases. bfloat16 matmuls with float32
   parameters, optimizer state and residual stream; attention through the fused kernel where
   the backend has one ('auto': cuDNN on NVIDIA GPUs, XLA's otherwise; layers/attentions);
-  the blocks unrolled (SCAN_LAYERS=False): on one H200 (2026-12-04, docs/PERFORMANCE.md) the
-  scanned ViT-B/16 step was 1.16x slower and DiT-XL/2 at batch 256 asked for 128.9 GiB where
-  the unrolled one peaks at 99.3 (the scanned profile spends a quarter of its step in copies).
+  the blocks unrolled (SCAN_LAYERS=False): on one H200 (2026-12-04, docs/PERFORMANCE.md, XLA's
+  attention) the scanned ViT-B/16 step was 1.16x slower, a quarter of it in copies, and the
+  scanned DiT-XL/2 at batch 256 asked for 128.9 GiB where the unrolled one peaks at 99.3.
   `--set DTYPE=float32 --set ATTENTION_IMPL=einsum` gives the plain reference path, `--set
   SCAN_LAYERS=True` compile times that do not grow with DEPTH."""
   DTYPE = 'bfloat16'

@@ -5,6 +5,7 @@ Shapes: b batch, l query length, s key length, d model, n heads, h head dim.
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,10 @@ def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
     try:
       return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
                                           implementation='cudnn')
-    except (NotImplementedError, ValueError):  # a shape or layout cuDNN's checks refuse
+    except (NotImplementedError, ValueError) as e:  # a shape or layout cuDNN's checks refuse
+      warnings.warn(f"ATTENTION_IMPL='auto': cuDNN's fused attention refused q {q.shape} "
+                    f'{q.dtype} ({type(e).__name__}: {e}); using XLA\'s path instead',
+                    stacklevel=2)
       impl = 'xla'
   if impl != 'einsum':
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
@@ -65,7 +69,7 @@ def fused_kernel_applies(q, mask=None, device=None) -> bool:
   except ValueError:   # not a CUDA device (ROCm names its architecture instead)
     return False
   h = q.shape[-1]
-  return (major >= 8 and q.dtype in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128)
+  return major >= 8 and q.dtype in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128
 
 
 class SelfAttention(nn.Module):

@@ -15,7 +15,7 @@ CPU backend otherwise turns into a slow windowed reduction). The op's output is 
 
 Accelerators accumulate 16-bit matmuls in float32 anyway, so there a dot that returns its
 operands' dtype keeps the plain path (a bias is then added in the output dtype); `cpu_kernels`
-decides (None: on the CPU backend only). A 16-bit dot that returns float32 (attention scores,
+decides (None: on the CPU backend only). A bfloat16 dot that returns float32 (attention scores,
 vocabulary logits) takes the written-out backward pass on accelerators too: autodiff would pair
 its float32 cotangent with a 16-bit operand, and XLA runs that pair as a float32 matmul (on one
 H200, 2026-12-04, GPT-B's vocabulary gradients ran as TF32 GEMMs, 8% of the step:
@@ -47,7 +47,9 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, dtype=jnp.float32, *, bias=Non
   out_dtype = dtype if out_dtype is None else jnp.dtype(out_dtype)
   a, b = a.astype(dtype), b.astype(dtype)
   on_cpu = cpu_16bit(dtype, cpu_kernels)
-  widened = is_16bit_float(dtype) and out_dtype != dtype   # 16-bit operands, wider result
+  # float16 keeps autodiff's float32 cotangent: a mean loss's (about 1e-9 per element) would
+  # underflow float16's range, not bfloat16's
+  widened = dtype == jnp.bfloat16 and out_dtype.itemsize > dtype.itemsize
   if not (on_cpu or widened):
     result = jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
     return result if bias is None else result + bias.astype(out_dtype)
@@ -67,6 +69,7 @@ def cpu_16bit(dtype, cpu_kernels: bool | None = None) -> bool:
 
 
 def is_16bit_float(dtype) -> bool:
+  """bfloat16 or float16 (not int16, whose bits are also two bytes)."""
   dtype = jnp.dtype(dtype)
   return dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)
 

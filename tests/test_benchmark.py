@@ -225,21 +225,29 @@ def test_peak_fields_measured_override_and_unknown():
 
 def test_causal_attention_is_counted_as_the_fused_kernel_computes_it(monkeypatch):
   """GPT with cuDNN's causal kernel: the masked triangle (above the diagonal, counted here from
-  a NumPy mask) leaves the FLOP count; the einsum/XLA paths and bidirectional models keep it."""
+  a NumPy mask) leaves the FLOP count; the einsum/XLA paths and bidirectional models keep it.
+  The training loop and the benchmark count through the same function (trainer/flops.py)."""
+  import fiddle as fdl
   import numpy as np
   from experiments import base
   from layers import attentions
-  exp = lambda name, *sets: base.build_config(name, list(sets))[0]
-  gpt = exp('GPT_T_Synthetic', 'ATTENTION_IMPL=cudnn')
-  l, d, depth = gpt.SEQ_LEN, gpt.HIDDEN, gpt.DEPTH
+  from trainer import flops
+
+  def counted(name, *sets):
+    exp, cfg = base.build_config(name, list(sets))
+    loop = fdl.build(cfg.loop)
+    return flops.counted_forward_flops(fdl.build(cfg.model), loop.flops_per_example,
+                                       loop.tokens_per_example)
+
+  exp = base.build_config('GPT_T_Synthetic', [])[0]
+  l, d, depth = exp.SEQ_LEN, exp.HIDDEN, exp.DEPTH
   masked = int(np.triu(np.ones((l, l)), 1).sum())            # entries a causal row never sees
-  full = gpt.flops_per_example()
-  assert benchmark.counted_flops(gpt, full) == (full - depth * 2 * 2 * d * masked,
-                                                'causal triangle (fused kernel)')
-  for plain in (exp('GPT_T_Synthetic', 'ATTENTION_IMPL=einsum'),
-                exp('GPT_T_Synthetic', 'ATTENTION_IMPL=auto'),        # auto on a CPU: XLA's
-                exp('ViT_T_Synthetic', 'ATTENTION_IMPL=cudnn')):     # not causal
-    assert benchmark.counted_flops(plain, 123) == (123, 'full l x l')
+  full = exp.flops_per_example()
+  triangle = (full - depth * 2 * 2 * d * masked, flops.CAUSAL_TRIANGLE)
+  assert counted('GPT_T_Synthetic', 'ATTENTION_IMPL=cudnn') == triangle
+  assert counted('GPT_T_Synthetic', 'ATTENTION_IMPL=einsum') == (full, flops.FULL_ATTENTION)
+  assert counted('GPT_T_Synthetic', 'ATTENTION_IMPL=auto') == (full, flops.FULL_ATTENTION)  # CPU
+  vit = base.build_config('ViT_T_Synthetic', [])[0].flops_per_example()
+  assert counted('ViT_T_Synthetic', 'ATTENTION_IMPL=cudnn') == (vit, flops.FULL_ATTENTION)
   monkeypatch.setattr(attentions, 'fused_kernel_applies', lambda q, mask=None: True)
-  auto = exp('GPT_T_Synthetic', 'ATTENTION_IMPL=auto')
-  assert benchmark.counted_flops(auto, full)[0] == full - depth * 2 * 2 * d * masked
+  assert counted('GPT_T_Synthetic', 'ATTENTION_IMPL=auto') == triangle

@@ -104,6 +104,25 @@ def test_accelerator_16bit_dots_widened_to_float32_keep_16bit_gradient_matmuls(s
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-2, atol=2e-2)
 
 
+def test_accelerator_widened_dot_with_a_bias_and_float16_left_to_autodiff():
+  rng = np.random.default_rng(6)
+  a, b = rng.normal(size=(4, 8)).astype(np.float32), rng.normal(size=(8, 3)).astype(np.float32)
+  bias, g = rng.normal(size=(3,)).astype(np.float32), rng.normal(size=(4, 3)).astype(np.float32)
+  ours = lambda a, b, bias: jnp.sum(matmuls.einsum('md,de->me', a, b, BF16, bias=bias,
+                                                   out_dtype=jnp.float32, cpu_kernels=False) * g)
+  ref = lambda a, b, bias: jnp.sum((jnp.einsum('md,de->me', a.astype(BF16), b.astype(BF16),
+                                               preferred_element_type=jnp.float32) + bias) * g)
+  np.testing.assert_allclose(ours(a, b, bias), ref(a, b, bias), rtol=1e-6)
+  got, want = jax.grad(ours, (0, 1, 2))(a, b, bias), jax.grad(ref, (0, 1, 2))(a, b, bias)
+  for x, y in zip(got[:2], want[:2]):
+    np.testing.assert_allclose(np.asarray(x, np.float32), y, rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(got[2], g.sum(0), rtol=1e-6)          # the bias: exact, float32
+  # float16 keeps autodiff's float32 cotangent (a mean loss's would underflow float16)
+  f16 = jax.make_jaxpr(jax.grad(lambda a, b: jnp.sum(matmuls.einsum(
+      'md,de->me', a, b, jnp.float16, out_dtype=jnp.float32, cpu_kernels=False))))(a, b)
+  assert 'custom_vjp' not in str(f16)
+
+
 @pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the CPU path: other backends keep '
                     'the plain dot (test_float32_and_accelerator_paths_are_the_plain_einsum)')
 def test_bf16_dense_compiles_to_native_bf16_dots_only():

@@ -43,6 +43,7 @@ if ROOT not in sys.path:
 
 # Knobs copied into the result so a table row says what ran (those an experiment lacks are left
 # out).
+CUDNN_ATTENTION = '__cudnn$fmha'    # the custom calls of cuDNN's fused attention in XLA's HLO
 REPORTED_KNOBS = ('DTYPE', 'ATTENTION_IMPL', 'REMAT', 'SCAN_LAYERS', 'SCAN_UNROLL',
                   'RESIDUAL_DTYPE', 'HIDDEN', 'DEPTH', 'HEADS', 'PATCH', 'IMAGE_SIZE', 'SEQ_LEN',
                   'MESH', 'USE_VAE', 'LATENTS_DIR')
@@ -215,6 +216,7 @@ class Prepared:
   exp_name: str            # as given to --exp
   overrides: list          # every KNOB=VALUE applied, in order (--set first, then a variant's)
   exp: Any                 # the Experiment instance, overrides applied (its knobs)
+  model: Any               # the built model (flax Module)
   settings: Any            # its LoopSettings: global_batch, flops_per_example, tokens_per_example
   mesh: Any                # the jax.sharding.Mesh the state and batch are sharded over
   compiled: Any            # the train step compiled ahead of time: (state, batch, frozen) ->
@@ -319,7 +321,8 @@ def prepare(exp_name: str, overrides=(), seed: int = 0, log=print,
     compiled = step_fn.lower(state, batch, frozen).compile()
     compile_time = time.perf_counter() - t0
   log(f'compiled in {compile_time:.1f} s')
-  return Prepared(exp_name=exp_name, overrides=list(overrides), exp=exp, settings=s, mesh=mesh,
+  return Prepared(exp_name=exp_name, overrides=list(overrides), exp=exp, model=model,
+                  settings=s, mesh=mesh,
                   compiled=compiled, state=state, batch=batch, frozen=frozen,
                   param_count=n_params, init_time_s=init_time, compile_time_s=compile_time,
                   random_vae=random_vae)
@@ -358,25 +361,6 @@ def peak_fields(dtype: str, before: dict, after: dict, peak_override=None) -> di
           'matmul_tflops_before': before.get(dtype), 'matmul_tflops_after': after.get(dtype)}
 
 
-def counted_flops(exp, flops_per_example: int) -> tuple[int, str]:
-  """(forward FLOPs per example as the step's attention computes them, which count): a causal
-  model whose attention runs cuDNN's fused kernel (ATTENTION_IMPL cudnn, or auto where
-  layers/attentions.fused_kernel_applies) is counted without the masked triangle it skips."""
-  import jax
-  from experiments.gpt import GPT
-  from layers import attentions
-  from models import gpt
-  full = 'full l x l'
-  if not isinstance(exp, GPT) or exp.ATTENTION_IMPL not in ('cudnn', 'auto'):
-    return flops_per_example, full
-  if exp.ATTENTION_IMPL == 'auto':
-    q = jax.ShapeDtypeStruct((1, 1, exp.HEADS, exp.HIDDEN // exp.HEADS), exp.DTYPE)
-    if not attentions.fused_kernel_applies(q):
-      return flops_per_example, full
-  skipped = gpt.causal_skipped_flops(exp.SEQ_LEN, exp.HIDDEN, exp.DEPTH)
-  return flops_per_example - skipped, 'causal triangle (fused kernel)'
-
-
 def make_result(p: Prepared, times, pipelined: float, warmup: int, peak: dict) -> dict:
   """The JSON result of one timed variant (docs/BENCHMARK.md lists the fields)."""
   import jax
@@ -387,7 +371,11 @@ def make_result(p: Prepared, times, pipelined: float, warmup: int, peak: dict) -
   step_time = statistics.median(times)
   examples_per_s = s.global_batch / step_time
   n_dev = len(devices)
-  per_example, attention_counted = counted_flops(p.exp, s.flops_per_example)
+  per_example, attention_counted = flops.counted_forward_flops(p.model, s.flops_per_example,
+                                                              s.tokens_per_example)
+  if attention_counted == flops.CAUSAL_TRIANGLE and CUDNN_ATTENTION not in p.compiled.as_text():
+    # 'auto' fell back to XLA's path (layers/attentions warned why): the whole matrix ran
+    per_example, attention_counted = s.flops_per_example, flops.FULL_ATTENTION
   tflops = flops.train_tflops_per_device(per_example, examples_per_s, n_dev)
   xla = xla_flops(p.compiled)
   loss = float(jax.device_get(p.metrics['loss']))
@@ -450,11 +438,15 @@ def run_benchmark(exp_name: str, overrides=(), steps: int = 10, warmup: int = 2,
   if profile_dir:
     import jax
     log(f'tracing 3 steps into {profile_dir}')
-    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-      for _ in range(3):
-        p.step()
-      p.block()
-    result['profile_dir'] = os.path.abspath(profile_dir)
+    try:
+      with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+        for _ in range(3):
+          p.step()
+        p.block()
+      result['profile_dir'] = os.path.abspath(profile_dir)
+    except Exception as e:  # noqa: BLE001 -- the timings above stand without the trace
+      traceback.print_exc()
+      result['profile_error'] = f'{type(e).__name__}: {e}'
   return result
 
 

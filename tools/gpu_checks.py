@@ -2,7 +2,11 @@
 
 1. The fused attention paths ('xla', 'cudnn') against the einsum reference, causal and not,
    float32 and bfloat16.
-2. KV-cache decoding equals the full forward pass on the device (float32).
+2. ATTENTION_IMPL='auto' at the shapes the at-scale defaults give it (ViT-B/16's 197 tokens,
+   DiT-XL/2's head dimension of 72, GPT-B's causal 1024 tokens): cuDNN's fused attention in the
+   compiled program where layers/attentions.fused_kernel_applies says so (XLA's path on a CPU,
+   where this script also runs), and its loss and gradients against the einsum reference.
+3. KV-cache decoding equals the full forward pass on the device (float32).
 Prints one line per check and exits non-zero if any fails.
 """
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit('/tools/', 1)[0])
 
-from layers.attentions import attend  # noqa: E402
+from layers.attentions import attend, fused_kernel_applies  # noqa: E402
 
 
 def check_attention() -> bool:
@@ -38,6 +42,36 @@ def check_attention() -> bool:
           print(f'attention {impl:5s} {jnp.dtype(dtype).name:8s} causal={causal!s:5s} '
                 f'raised {type(e).__name__}: {str(e)[:120]} {"(expected)" if good else "FAIL"}')
         ok &= good
+  return ok
+
+
+def check_auto_attention() -> bool:
+  ok = True
+  rng = np.random.default_rng(1)
+  for name, (b, l, n, h), causal in (('ViT-B/16', (8, 197, 12, 64), False),
+                                     ('DiT-XL/2', (8, 256, 16, 72), False),
+                                     ('GPT-B', (4, 1024, 12, 64), True)):
+    q, k, v = (jnp.asarray(rng.normal(size=(b, l, n, h)), jnp.bfloat16) for _ in range(3))
+    def grads(impl):
+      loss = lambda q, k, v: jnp.sum(attend(q, k, v, causal=causal, impl=impl)
+                                     .astype(jnp.float32) ** 2)
+      return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    auto = grads('auto')
+    try:
+      fused = '__cudnn$fmha' in auto.lower(q, k, v).compile().as_text()
+      want = fused_kernel_applies(q)
+      (value, got), (ref_value, ref) = auto(q, k, v), grads('einsum')(q, k, v)
+      rel = lambda x, y: float(jnp.linalg.norm((x - y).astype(jnp.float32))
+                               / jnp.linalg.norm(y.astype(jnp.float32)))
+      err = max([rel(value, ref_value)] + [rel(x, y) for x, y in zip(got, ref)])
+      good = fused == want and err < 2e-2
+      print(f"attention auto {name:8s} l={l:4d} h={h:3d} causal={causal!s:5s} "
+            f"{'cuDNN' if fused else 'XLA'} (expected {'cuDNN' if want else 'XLA'}), loss and "
+            f"gradients vs einsum rel. error {err:.2e} (tol 2e-2) {'OK' if good else 'FAIL'}")
+    except Exception as e:  # report, do not hide
+      good = False
+      print(f'attention auto {name:8s} raised {type(e).__name__}: {str(e)[:160]} FAIL')
+    ok &= good
   return ok
 
 
@@ -67,5 +101,5 @@ def check_decode() -> bool:
 
 if __name__ == '__main__':
   print('devices:', jax.devices())
-  results = [check_attention(), check_decode()]
+  results = [check_attention(), check_auto_attention(), check_decode()]
   sys.exit(0 if all(results) else 1)

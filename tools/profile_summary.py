@@ -24,7 +24,7 @@ import sys
 # First match wins: attention kernels (cuDNN's flash kernels) and convolutions (implicit GEMMs)
 # before the generic matmul pattern.
 KINDS = (
-    ('attention', re.compile(r'fmha|flash|sdpa|attention|cudnn', re.I)),
+    ('attention', re.compile(r'fmha|flash|sdpa|attention', re.I)),   # cuDNN's: '..._sdpa_...'
     ('collective', re.compile(r'nccl|all-?reduce|all-?gather|reduce-?scatter|all-?to-?all', re.I)),
     # not 'conv' alone: XLA's dtype conversions are 'loop_convert_fusion', 'wrapped_convert'
     ('convolution', re.compile(r'convolution|conv\d|conv_|implicit_?gemm|fprop|dgrad|wgrad', re.I)),

@@ -26,6 +26,30 @@ PEAK_BF16_TFLOPS = {
 }
 
 
+FULL_ATTENTION = 'full l x l'
+CAUSAL_TRIANGLE = 'causal triangle (fused kernel)'
+
+
+def counted_forward_flops(model, flops_per_example: int, seq_len: int) -> tuple[int, str]:
+  """(forward FLOPs per example as the step computes them, what the attention term counts).
+
+  A causal model (models/gpt.GPT) whose attention runs cuDNN's fused kernel ('cudnn', or 'auto'
+  where layers/attentions.fused_kernel_applies) skips the masked triangle that
+  models/*.flops_per_example counts: it is left out here, so that MFU measures what the kernel
+  computes (docs/BENCHMARK.md). Everything else keeps the analytic count."""
+  from layers import attentions
+  from models import gpt
+  impl = getattr(model, 'attention_impl', None)
+  if not isinstance(model, gpt.GPT) or impl not in ('cudnn', 'auto'):
+    return flops_per_example, FULL_ATTENTION
+  if impl == 'auto':
+    q = jax.ShapeDtypeStruct((1, 1, model.heads, model.hidden // model.heads), model.dtype)
+    if not attentions.fused_kernel_applies(q):
+      return flops_per_example, FULL_ATTENTION
+  skipped = gpt.causal_skipped_flops(seq_len, model.hidden, model.depth)
+  return flops_per_example - skipped, CAUSAL_TRIANGLE
+
+
 def peak_tflops(device_kind: str) -> float | None:
   """Peak for a `jax.Device.device_kind` string, None where unknown (CPUs, say)."""
   kind = device_kind.upper()

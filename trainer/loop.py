@@ -220,6 +220,7 @@ def train(run, workdir: str, config_text: str = '', knobs: dict | None = None,
 
     # -------------------------------------------------------------- loop ----------------------
     peak = flops.peak_tflops(jax.devices()[0].device_kind)
+    counted = flops.counted_forward_flops(model, s.flops_per_example, s.tokens_per_example)[0]
     bar = tqdm(total=s.num_steps, initial=start, disable=not is_main, dynamic_ncols=True)
     stack.callback(bar.close)   # before an error's message, which must start its own line
     pending = None                      # (step, metrics) read one step late
@@ -250,7 +251,7 @@ def train(run, workdir: str, config_text: str = '', knobs: dict | None = None,
         values['perf/examples_per_s'] = per_s
         if s.tokens_per_example:
           values['perf/tokens_per_s'] = per_s * s.tokens_per_example
-        tflops = flops.train_tflops_per_device(s.flops_per_example, per_s, jax.device_count())
+        tflops = flops.train_tflops_per_device(counted, per_s, jax.device_count())
         values['perf/tflops_per_device'] = tflops
         if peak:
           values['perf/mfu'] = tflops / peak
