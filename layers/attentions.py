@@ -34,7 +34,7 @@ def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
     try:
       return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
                                           implementation='cudnn')
-    except (NotImplementedError, ValueError) as e:  # a shape or layout cuDNN's checks refuse
+    except (NotImplementedError, ValueError) as e:  # a limit fused_kernel_applies missed
       warnings.warn(f"ATTENTION_IMPL='auto': cuDNN's fused attention refused q {q.shape} "
                     f'{q.dtype} ({type(e).__name__}: {e}); using XLA\'s path instead',
                     stacklevel=2)
@@ -56,7 +56,12 @@ def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
 def fused_kernel_applies(q, mask=None, device=None) -> bool:
   """Whether 'auto' attention takes cuDNN's fused kernel: an NVIDIA GPU of compute capability 8
   or more (`device`, default the first device), 16-bit q, a head dimension that is a multiple
-  of 8 up to 128, and no mask beyond the causal one (decoding's cache mask goes to XLA).
+  of 8 up to 128, an even sequence length, and no mask beyond the causal one (decoding's cache
+  mask goes to XLA).
+
+  Decided here rather than by trying: JAX checks some of cuDNN's limits only when the gradient
+  is taken, which under nn.scan happens outside this function (on one H200, 2026-12-04, the
+  training step of ViT-B/16's 197 tokens failed with "Unsupported sequence length Q 197").
 
   jax.nn.dot_product_attention(implementation=None) would not decide this: in JAX 0.11 it always
   takes XLA's path, which on a GPU materialises the l x l scores (on one H200, 2026-12-04, GPT-B
@@ -68,8 +73,9 @@ def fused_kernel_applies(q, mask=None, device=None) -> bool:
     major = int(str(getattr(device, 'compute_capability', '')).split('.')[0])
   except ValueError:   # not a CUDA device (ROCm names its architecture instead)
     return False
-  h = q.shape[-1]
-  return major >= 8 and q.dtype in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128
+  l, h = q.shape[-3], q.shape[-1]
+  return (major >= 8 and q.dtype in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128
+          and l % 2 == 0)
 
 
 class SelfAttention(nn.Module):

@@ -53,13 +53,15 @@ def _device(platform='gpu', cc='9.0'):
 
 
 def test_auto_attention_takes_cudnn_only_where_the_fused_kernel_applies():
-  q = lambda dtype=jnp.bfloat16, h=64: jnp.zeros((1, 4, 2, h), dtype)
+  q = lambda dtype=jnp.bfloat16, h=64, l=4: jnp.zeros((1, l, 2, h), dtype)
   assert attentions.fused_kernel_applies(q(), device=_device())                  # H100 / H200
+  assert attentions.fused_kernel_applies(q(h=72, l=256), device=_device())      # DiT-XL/2
   assert attentions.fused_kernel_applies(q(jnp.float16, 128), device=_device(cc='8.0'))
   refused = [
       (q(jnp.float32), None, _device()),           # cuDNN's kernel takes 16-bit inputs only
       (q(h=12), None, _device()),                  # head dim not a multiple of 8
       (q(h=256), None, _device()),                 # head dim over 128
+      (q(l=197), None, _device()),                 # odd length: ViT-B/16's 197 tokens
       (q(), jnp.ones((1, 1, 4, 4), bool), _device()),   # an explicit mask (decoding's cache)
       (q(), None, _device(cc='7.5')),              # before Ampere
       (q(), None, _device(cc='gfx90a')),           # ROCm names an architecture, not a version
