@@ -17,6 +17,7 @@ from layers.sharding import shard
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row stays NaN-free
 IMPLEMENTATIONS = ('einsum', 'xla', 'cudnn', 'auto')
+CUDNN_CUSTOM_CALL = '__cudnn$fmha'   # how cuDNN's fused attention appears in compiled HLO
 
 
 def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):

@@ -65,13 +65,8 @@ def cpu_16bit(dtype, cpu_kernels: bool | None = None) -> bool:
   backend), the case every written-out CPU path of this module and its users is for."""
   if cpu_kernels is None:
     cpu_kernels = jax.default_backend() == 'cpu'
-  return cpu_kernels and is_16bit_float(dtype)
-
-
-def is_16bit_float(dtype) -> bool:
-  """bfloat16 or float16 (not int16, whose bits are also two bytes)."""
   dtype = jnp.dtype(dtype)
-  return dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)
+  return cpu_kernels and dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)
 
 
 def _parse(spec: str) -> tuple[str, str, str]:

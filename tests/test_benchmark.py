@@ -227,6 +227,8 @@ def test_causal_attention_is_counted_as_the_fused_kernel_computes_it(monkeypatch
   """GPT with cuDNN's causal kernel: the masked triangle (above the diagonal, counted here from
   a NumPy mask) leaves the FLOP count; the einsum/XLA paths and bidirectional models keep it.
   The training loop and the benchmark count through the same function (trainer/flops.py)."""
+  import types
+
   import fiddle as fdl
   import numpy as np
   from experiments import base
@@ -249,5 +251,13 @@ def test_causal_attention_is_counted_as_the_fused_kernel_computes_it(monkeypatch
   assert counted('GPT_T_Synthetic', 'ATTENTION_IMPL=auto') == (full, flops.FULL_ATTENTION)  # CPU
   vit = base.build_config('ViT_T_Synthetic', [])[0].flops_per_example()
   assert counted('ViT_T_Synthetic', 'ATTENTION_IMPL=cudnn') == (vit, flops.FULL_ATTENTION)
-  monkeypatch.setattr(attentions, 'fused_kernel_applies', lambda q, mask=None: True)
-  assert counted('GPT_T_Synthetic', 'ATTENTION_IMPL=auto') == triangle
+  # on a (stand-in) H200, auto's decision is the real one, asked at the model's own length
+  gpu = types.SimpleNamespace(platform='gpu', compute_capability='9.0')
+  decide = attentions.fused_kernel_applies
+  monkeypatch.setattr(attentions, 'fused_kernel_applies',
+                      lambda q, mask=None: decide(q, mask, device=gpu))
+  auto = ('GPT_T_Synthetic', 'ATTENTION_IMPL=auto', 'DTYPE=bfloat16')
+  assert counted(*auto) == triangle
+  assert counted(*auto, 'SEQ_LEN=31') == (   # an odd length goes to XLA's path: all of it
+      base.build_config('GPT_T_Synthetic', ['SEQ_LEN=31'])[0].flops_per_example(),
+      flops.FULL_ATTENTION)

@@ -79,7 +79,7 @@ def test_float32_and_accelerator_paths_are_the_plain_einsum():
 
 @pytest.mark.parametrize('spec,shapes', [('md,de->me', ((4, 8), (8, 3))),
                                          ('bld,bsd->bls', ((2, 4, 8), (2, 5, 8)))])
-def test_accelerator_16bit_dots_widened_to_float32_keep_16bit_gradient_matmuls(spec, shapes):
+def test_accelerator_bf16_dots_widened_to_float32_keep_bf16_gradient_matmuls(spec, shapes):
   """Attention scores and vocabulary logits: bf16 operands, a float32 result. Autodiff of that
   dot pairs the float32 cotangent with a bf16 operand, which XLA runs as a float32 matmul; the
   accelerator path (cpu_kernels=False) rounds the cotangent to bf16 first, so every matmul of

@@ -43,7 +43,6 @@ if ROOT not in sys.path:
 
 # Knobs copied into the result so a table row says what ran (those an experiment lacks are left
 # out).
-CUDNN_ATTENTION = '__cudnn$fmha'    # the custom calls of cuDNN's fused attention in XLA's HLO
 REPORTED_KNOBS = ('DTYPE', 'ATTENTION_IMPL', 'REMAT', 'SCAN_LAYERS', 'SCAN_UNROLL',
                   'RESIDUAL_DTYPE', 'HIDDEN', 'DEPTH', 'HEADS', 'PATCH', 'IMAGE_SIZE', 'SEQ_LEN',
                   'MESH', 'USE_VAE', 'LATENTS_DIR')
@@ -365,6 +364,7 @@ def make_result(p: Prepared, times, pipelined: float, warmup: int, peak: dict) -
   """The JSON result of one timed variant (docs/BENCHMARK.md lists the fields)."""
   import jax
   import numpy as np
+  from layers import attentions
   from trainer import flops
 
   devices, s = jax.devices(), p.settings
@@ -373,7 +373,8 @@ def make_result(p: Prepared, times, pipelined: float, warmup: int, peak: dict) -
   n_dev = len(devices)
   per_example, attention_counted = flops.counted_forward_flops(p.model, s.flops_per_example,
                                                               s.tokens_per_example)
-  if attention_counted == flops.CAUSAL_TRIANGLE and CUDNN_ATTENTION not in p.compiled.as_text():
+  if (attention_counted == flops.CAUSAL_TRIANGLE
+      and attentions.CUDNN_CUSTOM_CALL not in p.compiled.as_text()):
     # 'auto' fell back to XLA's path (layers/attentions warned why): the whole matrix ran
     per_example, attention_counted = s.flops_per_example, flops.FULL_ATTENTION
   tflops = flops.train_tflops_per_device(per_example, examples_per_s, n_dev)

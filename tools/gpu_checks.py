@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit('/tools/', 1)[0])
 
-from layers.attentions import attend, fused_kernel_applies  # noqa: E402
+from layers.attentions import CUDNN_CUSTOM_CALL, attend, fused_kernel_applies  # noqa: E402
 
 
 def check_attention() -> bool:
@@ -58,7 +58,7 @@ def check_auto_attention() -> bool:
       return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
     auto = grads('auto')
     try:
-      fused = '__cudnn$fmha' in auto.lower(q, k, v).compile().as_text()
+      fused = CUDNN_CUSTOM_CALL in auto.lower(q, k, v).compile().as_text()
       want = fused_kernel_applies(q)
       (value, got), (ref_value, ref) = auto(q, k, v), grads('einsum')(q, k, v)
       rel = lambda x, y: float(jnp.linalg.norm((x - y).astype(jnp.float32))

@@ -43,7 +43,7 @@ def counted_forward_flops(model, flops_per_example: int, seq_len: int) -> tuple[
   if not isinstance(model, gpt.GPT) or impl not in ('cudnn', 'auto'):
     return flops_per_example, FULL_ATTENTION
   if impl == 'auto':
-    q = jax.ShapeDtypeStruct((1, 1, model.heads, model.hidden // model.heads), model.dtype)
+    q = jax.ShapeDtypeStruct((1, seq_len, model.heads, model.hidden // model.heads), model.dtype)
     if not attentions.fused_kernel_applies(q):
       return flops_per_example, FULL_ATTENTION
   skipped = gpt.causal_skipped_flops(seq_len, model.hidden, model.depth)
