@@ -91,7 +91,7 @@ class Experiment:
   HEADS = 4
   MLP_RATIO = 4.0
   PATCH = 2
-  ATTENTION_IMPL = 'einsum'       # 'einsum' | 'xla' | 'cudnn' | 'auto'
+  ATTENTION_IMPL = 'einsum'       # 'einsum' | 'xla' | 'cudnn' | 'splash' | 'auto'
   # what the backward pass recomputes: 'none' | 'full' | 'dots_saveable' (keeps matmul outputs)
   # | 'dots_with_no_batch_dims_saveable' (jax.checkpoint_policies)
   REMAT = 'none'
@@ -239,7 +239,8 @@ class AtScale(Experiment, abstract=True):
   """Fast defaults for the experiments meant for accelerators (ImageNet, OpenWebText, CelebA-HQ,
   LSUN and their synthetic twins); put it first among the bases. bfloat16 matmuls with float32
   parameters, optimizer state and residual stream; attention through the fused kernel where
-  the backend has one ('auto': cuDNN on NVIDIA GPUs, XLA's otherwise; layers/attentions);
+  the backend has one ('auto': cuDNN on NVIDIA GPUs, the Pallas splash kernel on TPUs, XLA's
+  elsewhere; layers/attentions);
   the blocks unrolled (SCAN_LAYERS=False): on one H200 (2026-12-04, docs/PERFORMANCE.md, XLA's
   attention) the scanned ViT-B/16 step was 1.16x slower, a quarter of it in copies, and the
   scanned DiT-XL/2 at batch 256 asked for 128.9 GiB where the unrolled one peaks at 99.3.

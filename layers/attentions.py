@@ -1,4 +1,4 @@
-"""Multi-head self-attention: bidirectional or causal, einsum reference or fused kernel, KV cache.
+"""Multi-head self-attention: bidirectional or causal, einsum reference or fused kernels, KV cache.
 
 Shapes: b batch, l query length, s key length, d model, n heads, h head dim.
 """
@@ -11,13 +11,16 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from layers import matmuls
+from layers import matmuls, sharding
 from layers.linears import DenseGeneral, normal_or_default
-from layers.sharding import shard
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row stays NaN-free
-IMPLEMENTATIONS = ('einsum', 'xla', 'cudnn', 'auto')
+IMPLEMENTATIONS = ('einsum', 'xla', 'cudnn', 'splash', 'auto')
 CUDNN_CUSTOM_CALL = '__cudnn$fmha'   # how cuDNN's fused attention appears in compiled HLO
+# How each fused kernel appears in compiled HLO (a Pallas kernel compiled for a TPU is a Mosaic
+# custom call; run by Pallas's interpreter elsewhere, it leaves no trace of its own).
+FUSED_CUSTOM_CALLS = {'cudnn': CUDNN_CUSTOM_CALL, 'splash': 'tpu_custom_call'}
+SPLASH_BLOCK = 128   # the splash kernel's default q and kv blocks: lengths must be multiples
 
 
 def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
@@ -25,24 +28,34 @@ def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
 
   q [b, l, n, h], k/v [b, s, n, h]; mask broadcastable to [b, n, l, s] (True = may attend).
   `causal` masks key j > query i (for l == s). 'einsum' is the readable reference; 'xla' and
-  'cudnn' go through jax.nn.dot_product_attention; 'auto' takes cuDNN's fused kernel where
-  `fused_kernel_applies` says it does, and XLA's otherwise.
+  'cudnn' go through jax.nn.dot_product_attention; 'splash' is the Pallas TPU flash kernel
+  (`splash_attention`); 'auto' takes the fused kernel `fused_kernel` names for q, and XLA's
+  path where it names none.
   """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'attention impl {impl!r}; choose one of {IMPLEMENTATIONS}')
   scale = 1.0 / math.sqrt(q.shape[-1])
-  if impl == 'auto' and fused_kernel_applies(q, mask):
+  if impl == 'auto':
+    kernel = fused_kernel(q, mask)
     try:
-      return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                          implementation='cudnn')
-    except (NotImplementedError, ValueError) as e:  # a limit fused_kernel_applies missed
-      warnings.warn(f"ATTENTION_IMPL='auto': cuDNN's fused attention refused q {q.shape} "
+      if kernel == 'cudnn':
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                            implementation='cudnn')
+      if kernel == 'splash':
+        return splash_attention(q, k, v, causal=causal)
+    except (NotImplementedError, ValueError) as e:  # a limit fused_kernel missed
+      warnings.warn(f"ATTENTION_IMPL='auto': the {kernel} fused attention refused q {q.shape} "
                     f'{q.dtype} ({type(e).__name__}: {e}); using XLA\'s path instead',
                     stacklevel=2)
-      impl = 'xla'
+    impl = 'xla'
+  if impl == 'splash':
+    if mask is not None:
+      raise ValueError("ATTENTION_IMPL='splash' takes no explicit mask (only `causal`); use "
+                       "'auto', 'xla' or 'einsum' for a masked call")
+    return splash_attention(q, k, v, causal=causal)
   if impl != 'einsum':
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
-                                        implementation='xla' if impl == 'auto' else impl)
+                                        implementation=impl)
   logits = matmuls.einsum('blnh,bsnh->bnls', q, k, q.dtype, out_dtype=jnp.float32) * scale
   if causal:
     l, s = logits.shape[-2:]
@@ -54,11 +67,58 @@ def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
   return matmuls.einsum('bnls,bsnh->blnh', probs, v, v.dtype)
 
 
-def fused_kernel_applies(q, mask=None, device=None) -> bool:
-  """Whether 'auto' attention takes cuDNN's fused kernel: an NVIDIA GPU of compute capability 8
-  or more (`device`, default the first device), 16-bit q, a head dimension that is a multiple
-  of 8 up to 128, an even sequence length, and no mask beyond the causal one (decoding's cache
-  mask goes to XLA).
+def splash_attention(q, k, v, *, causal: bool = False, interpret: bool | None = None):
+  """The same attention through JAX's Pallas splash (block-sparse flash) kernel for TPUs: the
+  scores never leave the chip's VMEM, and a causal call skips the key blocks wholly above the
+  diagonal.
+
+  Lengths must be multiples of SPLASH_BLOCK (the kernel's default blocks). The kernel works on
+  one example's [n, l, h], so it is mapped over the batch; under a mesh it runs in a shard_map
+  over the blocks `shard` gives q (batch over data and fsdp, heads over tensor), because XLA
+  cannot partition a custom call and would gather every device's q, k and v onto each.
+  `interpret` (default: off on a TPU, on elsewhere) runs the kernel in Pallas's interpreter,
+  which is correct but slow: it is how the CPU tests check it.
+  """
+  b, l, n, h = q.shape
+  s = k.shape[1]
+  if l % SPLASH_BLOCK or s % SPLASH_BLOCK:
+    raise ValueError(f'splash attention: query length {l} and key length {s} must be multiples '
+                     f"of {SPLASH_BLOCK}; ATTENTION_IMPL='auto' takes XLA's path for these")
+  if interpret is None:
+    interpret = jax.default_backend() != 'tpu'
+  # the kernel applies no scale of its own: 1/sqrt(h) goes on q, in float32 before the cast back
+  q = (q.astype(jnp.float32) * (1.0 / math.sqrt(h))).astype(q.dtype)
+
+  def local(q, k, v):
+    kernel = _splash_kernel(q.shape[2], l, s, causal, interpret)
+    heads_major = lambda x: jnp.swapaxes(x, 1, 2)                         # [b, n, l, h]
+    return heads_major(jax.vmap(kernel)(heads_major(q), heads_major(k), heads_major(v)))
+
+  spec = sharding.mesh_spec(q.shape, ('act_batch', None, 'act_heads', None))
+  if spec is None:
+    return local(q, k, v)
+  # check_vma=False: the interpreter's internal state carries no varying-axes annotation
+  return jax.shard_map(local, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
+      q, k, v)
+
+
+def _splash_kernel(heads: int, l: int, s: int, causal: bool, interpret: bool):
+  # built in each trace, since it holds its block tables as arrays of that trace; the NumPy walk
+  # over the mask that makes them is cached by JAX per mask
+  from jax.experimental.pallas.ops.tpu import splash_attention as splash
+  one = splash.CausalMask((l, s)) if causal else splash.FullMask((l, s))
+  return splash.make_splash_mha(splash.MultiHeadMask([one] * heads), head_shards=1,
+                                q_seq_shards=1, interpret=interpret)
+
+
+def fused_kernel(q, mask=None, device=None) -> str | None:
+  """The fused attention kernel 'auto' takes for q on `device` (default the first device):
+  'cudnn', 'splash' or None (XLA's path).
+
+  - 'cudnn': an NVIDIA GPU of compute capability 8 or more, 16-bit q, a head dimension that is
+    a multiple of 8 up to 128, an even sequence length.
+  - 'splash': a TPU and a sequence length that is a multiple of SPLASH_BLOCK.
+  - Neither with a mask beyond the causal one (decoding's cache mask goes to XLA).
 
   Decided here rather than by trying: JAX checks some of cuDNN's limits only when the gradient
   is taken, which under nn.scan happens outside this function (on one H200, 2026-12-04, the
@@ -68,15 +128,26 @@ def fused_kernel_applies(q, mask=None, device=None) -> bool:
   takes XLA's path, which on a GPU materialises the l x l scores (on one H200, 2026-12-04, GPT-B
   ran no faster with 'auto' than with the einsum reference: docs/PERFORMANCE.md)."""
   device = device or jax.devices()[0]
-  if device.platform != 'gpu' or mask is not None:
-    return False
+  if mask is not None:
+    return None
+  l, h = q.shape[-3], q.shape[-1]
+  if device.platform == 'tpu':
+    return 'splash' if l % SPLASH_BLOCK == 0 else None
+  if device.platform != 'gpu':
+    return None
   try:
     major = int(str(getattr(device, 'compute_capability', '')).split('.')[0])
   except ValueError:   # not a CUDA device (ROCm names its architecture instead)
-    return False
-  l, h = q.shape[-3], q.shape[-1]
-  return (major >= 8 and q.dtype in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128
-          and l % 2 == 0)
+    return None
+  if (major >= 8 and q.dtype in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128
+      and l % 2 == 0):
+    return 'cudnn'
+  return None
+
+
+def fused_kernel_applies(q, mask=None, device=None) -> bool:
+  """Whether 'auto' attention takes a fused kernel for q (`fused_kernel`)."""
+  return fused_kernel(q, mask, device) is not None
 
 
 class SelfAttention(nn.Module):
@@ -121,15 +192,15 @@ class SelfAttention(nn.Module):
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]                    # [b, l, n, h]
     else:
       q, k, v = proj('query')(x), proj('key')(x), proj('value')(x)         # [b, l, n, h]
-    q = shard(q, ('act_batch', 'act_len', 'act_heads', None))
-    k = shard(k, ('act_batch', 'act_len', 'act_heads', None))
-    v = shard(v, ('act_batch', 'act_len', 'act_heads', None))
+    q = sharding.shard(q, ('act_batch', 'act_len', 'act_heads', None))
+    k = sharding.shard(k, ('act_batch', 'act_len', 'act_heads', None))
+    v = sharding.shard(v, ('act_batch', 'act_len', 'act_heads', None))
 
     if self.decode:
       out = self._decode(q, k, v)
     else:
       out = attend(q, k, v, causal=self.causal, impl=self.impl)
-    out = shard(out, ('act_batch', 'act_len', 'act_heads', None))
+    out = sharding.shard(out, ('act_batch', 'act_len', 'act_heads', None))
     return DenseGeneral(d, ('heads', 'kv', 'embed'), num_contract=2, use_bias=self.use_bias,
                         kernel_init=normal_or_default(self.out_init_std), dtype=self.dtype,
                         name='out')(out)
@@ -148,6 +219,7 @@ class SelfAttention(nn.Module):
     index.value = i + l
     # query at absolute position i + t may see keys 0 .. i + t; unwritten slots lie beyond that
     mask = (i + jnp.arange(l))[:, None] >= jnp.arange(max_len)[None, :]
-    impl = 'einsum' if self.impl == 'cudnn' else self.impl  # cuDNN wants no explicit mask
+    # the fused kernels take no explicit mask
+    impl = 'einsum' if self.impl in ('cudnn', 'splash') else self.impl
     return attend(q, ck.value.astype(q.dtype), cv.value.astype(q.dtype),
                   mask[None, None], impl=impl)

@@ -75,19 +75,27 @@ def shard(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   Dimensions the mesh axes do not divide are left unconstrained rather than failing inside
   jit (a batch of 2 on 8 devices during decoding, say).
   """
+  spec = mesh_spec(x.shape, names)
+  return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
+
+
+def mesh_spec(shape: Sequence[int], names: Sequence[str | None]) -> P | None:
+  """The PartitionSpec `shard` pins on an array of `shape` under the current mesh and rules
+  (None outside a mesh or without rules): also the per-device blocks a shard_map around a
+  kernel that cannot be partitioned automatically takes (layers/attentions.splash_attention)."""
   rules = nn.get_logical_axis_rules()
   mesh = jax.sharding.get_abstract_mesh()
   if not rules or mesh.empty:
-    return x
-  if len(names) != x.ndim:
-    raise ValueError(f'shard: {len(names)} names {tuple(names)} for an array of rank {x.ndim}')
+    return None
+  if len(names) != len(shape):
+    raise ValueError(f'shard: {len(names)} names {tuple(names)} for an array of rank {len(shape)}')
   table = dict(rules)
   spec = []
-  for dim, name in zip(x.shape, names):
+  for dim, name in zip(shape, names):
     axes = tuple(a for a in _mesh_axes_of(name, table) if a in mesh.axis_names)
     size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
     spec.append(None if not axes or dim % size else axes[0] if len(axes) == 1 else axes)
-  return jax.lax.with_sharding_constraint(x, P(*spec))
+  return P(*spec)
 
 
 def _path_str(path) -> str:

@@ -247,6 +247,7 @@ def test_causal_attention_is_counted_as_the_fused_kernel_computes_it(monkeypatch
   full = exp.flops_per_example()
   triangle = (full - depth * 2 * 2 * d * masked, flops.CAUSAL_TRIANGLE)
   assert counted('GPT_T_Synthetic', 'ATTENTION_IMPL=cudnn') == triangle
+  assert counted('GPT_T_Synthetic', 'ATTENTION_IMPL=splash') == triangle
   assert counted('GPT_T_Synthetic', 'ATTENTION_IMPL=einsum') == (full, flops.FULL_ATTENTION)
   assert counted('GPT_T_Synthetic', 'ATTENTION_IMPL=auto') == (full, flops.FULL_ATTENTION)  # CPU
   vit = base.build_config('ViT_T_Synthetic', [])[0].flops_per_example()
@@ -261,3 +262,9 @@ def test_causal_attention_is_counted_as_the_fused_kernel_computes_it(monkeypatch
   assert counted(*auto, 'SEQ_LEN=31') == (   # an odd length goes to XLA's path: all of it
       base.build_config('GPT_T_Synthetic', ['SEQ_LEN=31'])[0].flops_per_example(),
       flops.FULL_ATTENTION)
+  # on a (stand-in) TPU, splash's: a multiple of its 128-long blocks, or XLA's path
+  tpu = types.SimpleNamespace(platform='tpu')
+  monkeypatch.setattr(attentions, 'fused_kernel_applies',
+                      lambda q, mask=None: decide(q, mask, device=tpu))
+  assert counted(*auto, 'SEQ_LEN=256')[1] == flops.CAUSAL_TRIANGLE
+  assert counted(*auto, 'SEQ_LEN=200')[1] == flops.FULL_ATTENTION

@@ -214,7 +214,7 @@ def trained_workdir(tmp_path_factory):
     (['--exp=ViT_T_Synthetic', '--set', 'NUM_STEPS=2.5'], 'NUM_STEPS takes an integer'),
     (['--exp=ViT_T_Synthetic', '--set', 'EVAL_EVERY=0'], 'EVAL_EVERY=0 must be at least 1'),
     (['--exp=ViT_T_Synthetic', '--set', 'ATTENTION_IMPL=flash'],
-     "ATTENTION_IMPL='flash': use one of 'einsum', 'xla', 'cudnn', 'auto'"),
+     "ATTENTION_IMPL='flash': use one of 'einsum', 'xla', 'cudnn', 'splash', 'auto'"),
     (['--exp=ViT_T_Synthetic', '--set', 'DTYPE=float16'], "DTYPE='float16': use one of"),
     (['--exp=ViT_T_Synthetic', '--set', "MESH={'fsdp': 3}"], 'needs 3 devices but 1 are present'),
     (['--exp=ViT_T_Synthetic', '--process_id=1'], '--coordinator, --num_processes missing'),

@@ -54,9 +54,11 @@ def _device(platform='gpu', cc='9.0'):
 
 def test_auto_attention_takes_cudnn_only_where_the_fused_kernel_applies():
   q = lambda dtype=jnp.bfloat16, h=64, l=4: jnp.zeros((1, l, 2, h), dtype)
-  assert attentions.fused_kernel_applies(q(), device=_device())                  # H100 / H200
-  assert attentions.fused_kernel_applies(q(h=72, l=256), device=_device())      # DiT-XL/2
-  assert attentions.fused_kernel_applies(q(jnp.float16, 128), device=_device(cc='8.0'))
+  cudnn = lambda *args, device: attentions.fused_kernel(*args, device=device) == 'cudnn'
+  assert cudnn(q(), device=_device())                                   # H100 / H200
+  assert cudnn(q(h=72, l=256), device=_device())                        # DiT-XL/2
+  assert cudnn(q(jnp.float16, 128), device=_device(cc='8.0'))
+  assert attentions.fused_kernel_applies(q(), device=_device())
   refused = [
       (q(jnp.float32), None, _device()),           # cuDNN's kernel takes 16-bit inputs only
       (q(h=12), None, _device()),                  # head dim not a multiple of 8
@@ -66,10 +68,11 @@ def test_auto_attention_takes_cudnn_only_where_the_fused_kernel_applies():
       (q(), None, _device(cc='7.5')),              # before Ampere
       (q(), None, _device(cc='gfx90a')),           # ROCm names an architecture, not a version
       (q(), None, _device(platform='cpu')),
-      (q(), None, _device(platform='tpu')),
+      (q(l=256), None, _device(platform='tpu')),   # a TPU's kernel is splash (below)
   ]
   for args in refused:
-    assert not attentions.fused_kernel_applies(args[0], args[1], device=args[2]), args[1:]
+    assert not cudnn(args[0], args[1], device=args[2]), args[1:]
+  assert not attentions.fused_kernel_applies(q(l=197), device=_device())
 
 
 def test_auto_attention_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
@@ -81,14 +84,100 @@ def test_auto_attention_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
       raise NotImplementedError('cuDNN refuses this layout')
     return plain(*args, implementation=implementation, **kw)
   monkeypatch.setattr(jax.nn, 'dot_product_attention', refusing)
-  monkeypatch.setattr(attentions, 'fused_kernel_applies', lambda q, mask=None: True)
+  monkeypatch.setattr(attentions, 'fused_kernel', lambda q, mask=None: 'cudnn')
   rng = np.random.default_rng(1)
   q, k, v = (rng.normal(size=(2, 5, 2, 8)).astype(np.float32) for _ in range(3))
-  with pytest.warns(UserWarning, match="refused q .*cuDNN refuses this layout.*XLA's path"):
+  with pytest.warns(UserWarning, match="cudnn fused attention refused q .*cuDNN refuses this layout.*XLA's path"):
     out = attentions.attend(*map(jnp.asarray, (q, k, v)), causal=True, impl='auto')
   scale = 1 / math.sqrt(8)
   assert asked == [('cudnn', [('is_causal', True), ('scale', scale)]),      # no mask to cuDNN
                    ('xla', [('is_causal', True), ('mask', None), ('scale', scale)])]
+  assert_close_f32(out, np_attention(q, k, v, True))
+
+
+def _splash_case(causal, b=2, l=128, n=2, h=8, seed=2):
+  rng = np.random.default_rng(seed)
+  q, k, v = (rng.normal(size=(b, l, n, h)).astype(np.float32) for _ in range(3))
+  w = rng.normal(size=(b, l, n, h)).astype(np.float32)   # a loss that weighs every output
+  loss = lambda impl: jax.value_and_grad(
+      lambda q, k, v: jnp.sum(attentions.attend(q, k, v, causal=causal, impl=impl) * w),
+      argnums=(0, 1, 2))
+  return (q, k, v), loss
+
+
+@pytest.mark.parametrize('causal', [False, True])
+def test_splash_attention_matches_numpy_and_einsum_gradients(causal):
+  """The Pallas TPU kernel, run by Pallas's interpreter on this CPU: the same numbers."""
+  (q, k, v), loss = _splash_case(causal, l=256)
+  out = attentions.attend(*map(jnp.asarray, (q, k, v)), causal=causal, impl='splash')
+  assert out.shape == q.shape and out.dtype == jnp.float32
+  assert_close_f32(out, np_attention(q, k, v, causal))
+  value, grads = jax.jit(loss('splash'))(q, k, v)
+  ref_value, ref_grads = jax.jit(loss('einsum'))(q, k, v)
+  assert_close_f32(value, ref_value)
+  assert_trees_close_f32(grads, ref_grads)
+
+
+def test_splash_attention_under_a_mesh_runs_per_device_blocks():
+  """Under FSDP and tensor parallelism the kernel runs in a shard_map on each device's batch and
+  heads (XLA cannot partition it): the same loss and gradients as einsum under the same mesh,
+  and the output keeps q's batch and head sharding."""
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  (q, k, v), loss = _splash_case(True, b=4, n=2)
+  names = ('act_batch', 'act_len', 'act_heads', None)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    spec = sharding.mesh_spec(q.shape, names)
+    assert spec == jax.sharding.PartitionSpec(('data', 'fsdp'), None, 'tensor', None)
+    placed = [jax.device_put(x, jax.sharding.NamedSharding(mesh, spec)) for x in (q, k, v)]
+    out = jax.jit(lambda q, k, v: attentions.attend(q, k, v, causal=True, impl='splash'))(*placed)
+    value, grads = jax.jit(loss('splash'))(*placed)
+    ref_value, ref_grads = jax.jit(loss('einsum'))(*placed)
+  assert out.sharding.spec == spec
+  assert_close_f32(out, np_attention(q, k, v, True))
+  assert_close_f32(value, ref_value)
+  assert_trees_close_f32(grads, ref_grads)
+
+
+def test_splash_attention_refuses_what_it_cannot_run():
+  x = jnp.zeros((1, 200, 2, 8))
+  with pytest.raises(ValueError, match='query length 200 and key length 200 must be multiples '
+                                       "of 128; ATTENTION_IMPL='auto' takes XLA's path"):
+    attentions.attend(x, x, x, impl='splash')
+  y = jnp.zeros((1, 128, 2, 8))
+  with pytest.raises(ValueError, match="'splash' takes no explicit mask"):
+    attentions.attend(y, y, y, jnp.ones((1, 1, 128, 128), bool), impl='splash')
+
+
+def test_auto_attention_takes_splash_on_a_tpu():
+  q = lambda l=256: jnp.zeros((1, l, 2, 64), jnp.bfloat16)
+  tpu = _device(platform='tpu', cc='')
+  assert attentions.fused_kernel(q(), device=tpu) == 'splash'
+  assert attentions.fused_kernel(q(1024).astype(jnp.float32), device=tpu) == 'splash'
+  assert attentions.fused_kernel(q(197), device=tpu) is None          # ViT-B/16: XLA's path
+  assert attentions.fused_kernel(q(), jnp.ones((1, 1, 256, 256), bool), device=tpu) is None
+  assert attentions.fused_kernel(q(), device=_device()) == 'cudnn'
+  assert attentions.fused_kernel(q(), device=_device(platform='cpu')) is None
+
+
+@pytest.mark.parametrize('refuse', [False, True])
+def test_auto_attention_routes_to_splash_and_falls_back_to_xla(monkeypatch, refuse):
+  called = []
+  plain = attentions.splash_attention
+  def splash(q, k, v, *, causal=False):
+    called.append(causal)
+    if refuse:
+      raise NotImplementedError('Mosaic refuses this head dimension')
+    return plain(q, k, v, causal=causal)
+  monkeypatch.setattr(attentions, 'splash_attention', splash)
+  monkeypatch.setattr(attentions, 'fused_kernel', lambda q, mask=None: 'splash')
+  (q, k, v), _ = _splash_case(True)
+  run = lambda: attentions.attend(*map(jnp.asarray, (q, k, v)), causal=True, impl='auto')
+  if refuse:
+    with pytest.warns(UserWarning, match="the splash fused attention refused .*Mosaic refuses"):
+      out = run()
+  else:
+    out = run()
+  assert called == [True]
   assert_close_f32(out, np_attention(q, k, v, True))
 
 
@@ -343,6 +432,21 @@ def test_scanned_and_remat_backbones_match_plain(scan, remat, unroll):
   # recomputation and the loop body fuse differently: the same math, other rounding (and
   # key-bias gradients that are zero in exact arithmetic come out as rounding noise)
   assert_trees_close_f32(g2, stack_blocks(g1, 3) if scan else g1)
+
+
+def test_splash_backbone_scanned_and_rematerialised_matches_einsum():
+  """The splash kernel inside a scanned, fully rematerialised causal backbone (the at-scale GPT's
+  shape of call, its recomputation included): the einsum backbone's loss and gradients."""
+  from layers.transformers import Backbone, stack_blocks
+  x = jax.random.normal(jax.random.key(0), (2, 128, 16))
+  plain = Backbone(depth=2, num_heads=2, causal=True)
+  fast = Backbone(depth=2, num_heads=2, causal=True, attention_impl='splash', scan=True,
+                  remat='full')
+  params = nn.unbox(plain.init(jax.random.key(2), x))['params']
+  loss = lambda m: jax.jit(jax.value_and_grad(lambda p: jnp.sum(m.apply({'params': p}, x) ** 2)))
+  (l1, g1), (l2, g2) = loss(plain)(params), loss(fast)(stack_blocks(params, 2))
+  assert_close_f32(l2, l1)
+  assert_trees_close_f32(g2, stack_blocks(g1, 2))
 
 
 def test_scan_unroll_removes_the_loop_and_keeps_the_stacked_parameters():

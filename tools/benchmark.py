@@ -373,8 +373,8 @@ def make_result(p: Prepared, times, pipelined: float, warmup: int, peak: dict) -
   n_dev = len(devices)
   per_example, attention_counted = flops.counted_forward_flops(p.model, s.flops_per_example,
                                                               s.tokens_per_example)
-  if (attention_counted == flops.CAUSAL_TRIANGLE
-      and attentions.CUDNN_CUSTOM_CALL not in p.compiled.as_text()):
+  if attention_counted == flops.CAUSAL_TRIANGLE and not any(
+      call in p.compiled.as_text() for call in attentions.FUSED_CUSTOM_CALLS.values()):
     # 'auto' fell back to XLA's path (layers/attentions warned why): the whole matrix ran
     per_example, attention_counted = s.flops_per_example, flops.FULL_ATTENTION
   tflops = flops.train_tflops_per_device(per_example, examples_per_s, n_dev)

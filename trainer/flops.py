@@ -33,14 +33,15 @@ CAUSAL_TRIANGLE = 'causal triangle (fused kernel)'
 def counted_forward_flops(model, flops_per_example: int, seq_len: int) -> tuple[int, str]:
   """(forward FLOPs per example as the step computes them, what the attention term counts).
 
-  A causal model (models/gpt.GPT) whose attention runs cuDNN's fused kernel ('cudnn', or 'auto'
-  where layers/attentions.fused_kernel_applies) skips the masked triangle that
+  A causal model (models/gpt.GPT) whose attention runs a fused kernel ('cudnn', 'splash', or
+  'auto' where layers/attentions.fused_kernel_applies) skips the masked triangle that
   models/*.flops_per_example counts: it is left out here, so that MFU measures what the kernel
-  computes (docs/BENCHMARK.md). Everything else keeps the analytic count."""
+  computes (docs/BENCHMARK.md; splash's blocks on the diagonal, computed whole, are not counted,
+  so its MFU errs low). Everything else keeps the analytic count."""
   from layers import attentions
   from models import gpt
   impl = getattr(model, 'attention_impl', None)
-  if not isinstance(model, gpt.GPT) or impl not in ('cudnn', 'auto'):
+  if not isinstance(model, gpt.GPT) or impl not in ('cudnn', 'splash', 'auto'):
     return flops_per_example, FULL_ATTENTION
   if impl == 'auto':
     q = jax.ShapeDtypeStruct((1, seq_len, model.heads, model.hidden // model.heads), model.dtype)
