@@ -4,6 +4,7 @@ Shapes: b batch, l query length, s key length, d model, n heads, h head dim.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -28,31 +29,31 @@ def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
 
   q [b, l, n, h], k/v [b, s, n, h]; mask broadcastable to [b, n, l, s] (True = may attend).
   `causal` masks key j > query i (for l == s). 'einsum' is the readable reference; 'xla' and
-  'cudnn' go through jax.nn.dot_product_attention; 'splash' is the Pallas TPU flash kernel
-  (`splash_attention`); 'auto' takes the fused kernel `fused_kernel` names for q, and XLA's
-  path where it names none.
+  'cudnn' go through jax.nn.dot_product_attention (`cudnn_attention`); 'splash' is the Pallas
+  TPU flash kernel (`splash_attention`); 'auto' takes the fused kernel `fused_kernel` names for
+  q where that kernel accepts the call and its gradient, and XLA's path otherwise (with a
+  warning when a kernel refused).
   """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f'attention impl {impl!r}; choose one of {IMPLEMENTATIONS}')
   scale = 1.0 / math.sqrt(q.shape[-1])
   if impl == 'auto':
     kernel = fused_kernel(q, mask)
-    try:
-      if kernel == 'cudnn':
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
-                                            implementation='cudnn')
-      if kernel == 'splash':
-        return splash_attention(q, k, v, causal=causal)
-    except (NotImplementedError, ValueError) as e:  # a limit fused_kernel missed
+    if kernel is not None:
+      refusal = _refusal(kernel, causal, jax.ShapeDtypeStruct(q.shape, q.dtype),
+                         jax.ShapeDtypeStruct(k.shape, k.dtype), jax.sharding.get_abstract_mesh())
+      if refusal is None:
+        return _fused(kernel, q, k, v, causal)
       warnings.warn(f"ATTENTION_IMPL='auto': the {kernel} fused attention refused q {q.shape} "
-                    f'{q.dtype} ({type(e).__name__}: {e}); using XLA\'s path instead',
-                    stacklevel=2)
+                    f"{q.dtype} ({refusal}); using XLA's path instead", stacklevel=2)
     impl = 'xla'
   if impl == 'splash':
     if mask is not None:
       raise ValueError("ATTENTION_IMPL='splash' takes no explicit mask (only `causal`); use "
                        "'auto', 'xla' or 'einsum' for a masked call")
     return splash_attention(q, k, v, causal=causal)
+  if impl == 'cudnn' and mask is None:
+    return cudnn_attention(q, k, v, causal=causal)
   if impl != 'einsum':
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
                                         implementation=impl)
@@ -65,6 +66,41 @@ def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
     logits = jnp.where(mask, logits, _MASK_VALUE)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return matmuls.einsum('bnls,bsnh->blnh', probs, v, v.dtype)
+
+
+def cudnn_attention(q, k, v, *, causal: bool = False, implementation: str = 'cudnn'):
+  """jax.nn.dot_product_attention through cuDNN's fused kernel (`implementation`; tests run the
+  same call through 'xla'). cuDNN refuses an odd length when the gradient is taken (on one
+  H200, 2026-12-04: "Unsupported sequence length Q 197", ViT-B/16's 197 tokens), so an odd
+  length is padded by one query and one key, and the padding mask hides that key
+  (key_value_seq_lengths); the padded query's row is dropped. It sees every real key, so its
+  softmax stays finite and its zero cotangent adds nothing to the gradients."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  l, s = q.shape[1], k.shape[1]
+  if l % 2 == 0 and s % 2 == 0:
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                        implementation=implementation)
+  even = lambda x: jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))
+  out = jax.nn.dot_product_attention(
+      even(q), even(k), even(v), scale=scale, is_causal=causal,
+      key_value_seq_lengths=jnp.full((q.shape[0],), s, jnp.int32), implementation=implementation)
+  return out[:, :l]
+
+
+@functools.lru_cache(maxsize=256)
+def _refusal(kernel: str, causal: bool, q: jax.ShapeDtypeStruct, k: jax.ShapeDtypeStruct,
+             mesh=None) -> str | None:
+  """Why `kernel` cannot run this attention and its gradient (None: it can), found by tracing
+  both abstractly. JAX raises some of cuDNN's refusals only in the gradient's rule, outside the
+  forward call, where a try around that call cannot see them; this asks before choosing. `mesh`
+  (the abstract mesh of the call) is part of the answer's cache key: splash runs per device."""
+  def loss(q, k, v):
+    return jnp.sum(_fused(kernel, q, k, v, causal).astype(jnp.float32))
+  try:
+    jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), q, k, k)
+  except (NotImplementedError, ValueError, TypeError, RuntimeError) as e:  # RuntimeError: no cuDNN
+    return f'{type(e).__name__}: {e}'
+  return None
 
 
 def splash_attention(q, k, v, *, causal: bool = False, interpret: bool | None = None):
@@ -111,18 +147,23 @@ def _splash_kernel(heads: int, l: int, s: int, causal: bool, interpret: bool):
                                 q_seq_shards=1, interpret=interpret)
 
 
+def _fused(kernel: str, q, k, v, causal: bool):
+  return (cudnn_attention if kernel == 'cudnn' else splash_attention)(q, k, v, causal=causal)
+
+
 def fused_kernel(q, mask=None, device=None) -> str | None:
   """The fused attention kernel 'auto' takes for q on `device` (default the first device):
   'cudnn', 'splash' or None (XLA's path).
 
   - 'cudnn': an NVIDIA GPU of compute capability 8 or more, 16-bit q, a head dimension that is
-    a multiple of 8 up to 128, an even sequence length.
+    a multiple of 8 up to 128 (an odd length is padded: `cudnn_attention`).
   - 'splash': a TPU and a sequence length that is a multiple of SPLASH_BLOCK.
   - Neither with a mask beyond the causal one (decoding's cache mask goes to XLA).
 
-  Decided here rather than by trying: JAX checks some of cuDNN's limits only when the gradient
-  is taken, which under nn.scan happens outside this function (on one H200, 2026-12-04, the
-  training step of ViT-B/16's 197 tokens failed with "Unsupported sequence length Q 197").
+  These are the kernels' documented limits; `attend` then traces the chosen kernel's gradient
+  abstractly before it commits (`_refusal`), because JAX raises some of cuDNN's refusals only in
+  the gradient's rule, outside the forward call (on one H200, 2026-12-04, the training step of
+  ViT-B/16's 197 tokens failed with "Unsupported sequence length Q 197" under nn.scan).
 
   jax.nn.dot_product_attention(implementation=None) would not decide this: in JAX 0.11 it always
   takes XLA's path, which on a GPU materialises the l x l scores (on one H200, 2026-12-04, GPT-B
@@ -139,8 +180,7 @@ def fused_kernel(q, mask=None, device=None) -> str | None:
     major = int(str(getattr(device, 'compute_capability', '')).split('.')[0])
   except ValueError:   # not a CUDA device (ROCm names its architecture instead)
     return None
-  if (major >= 8 and q.dtype in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128
-      and l % 2 == 0):
+  if major >= 8 and q.dtype in (jnp.bfloat16, jnp.float16) and h % 8 == 0 and h <= 128:
     return 'cudnn'
   return None
 

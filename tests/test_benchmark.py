@@ -259,9 +259,9 @@ def test_causal_attention_is_counted_as_the_fused_kernel_computes_it(monkeypatch
                       lambda q, mask=None: decide(q, mask, device=gpu))
   auto = ('GPT_T_Synthetic', 'ATTENTION_IMPL=auto', 'DTYPE=bfloat16')
   assert counted(*auto) == triangle
-  assert counted(*auto, 'SEQ_LEN=31') == (   # an odd length goes to XLA's path: all of it
-      base.build_config('GPT_T_Synthetic', ['SEQ_LEN=31'])[0].flops_per_example(),
-      flops.FULL_ATTENTION)
+  assert counted('GPT_T_Synthetic', 'ATTENTION_IMPL=auto', 'DTYPE=float32') == (
+      full, flops.FULL_ATTENTION)          # cuDNN takes 16-bit inputs: XLA's path, all of it
+  assert counted(*auto, 'SEQ_LEN=31')[1] == flops.CAUSAL_TRIANGLE   # padded to 32 for cuDNN
   # on a (stand-in) TPU, splash's: a multiple of its 128-long blocks, or XLA's path
   tpu = types.SimpleNamespace(platform='tpu')
   monkeypatch.setattr(attentions, 'fused_kernel_applies',

@@ -57,13 +57,13 @@ def test_auto_attention_takes_cudnn_only_where_the_fused_kernel_applies():
   cudnn = lambda *args, device: attentions.fused_kernel(*args, device=device) == 'cudnn'
   assert cudnn(q(), device=_device())                                   # H100 / H200
   assert cudnn(q(h=72, l=256), device=_device())                        # DiT-XL/2
+  assert cudnn(q(l=197), device=_device())                 # ViT-B/16: padded to an even length
   assert cudnn(q(jnp.float16, 128), device=_device(cc='8.0'))
   assert attentions.fused_kernel_applies(q(), device=_device())
   refused = [
       (q(jnp.float32), None, _device()),           # cuDNN's kernel takes 16-bit inputs only
       (q(h=12), None, _device()),                  # head dim not a multiple of 8
       (q(h=256), None, _device()),                 # head dim over 128
-      (q(l=197), None, _device()),                 # odd length: ViT-B/16's 197 tokens
       (q(), jnp.ones((1, 1, 4, 4), bool), _device()),   # an explicit mask (decoding's cache)
       (q(), None, _device(cc='7.5')),              # before Ampere
       (q(), None, _device(cc='gfx90a')),           # ROCm names an architecture, not a version
@@ -72,27 +72,81 @@ def test_auto_attention_takes_cudnn_only_where_the_fused_kernel_applies():
   ]
   for args in refused:
     assert not cudnn(args[0], args[1], device=args[2]), args[1:]
-  assert not attentions.fused_kernel_applies(q(l=197), device=_device())
+  assert not attentions.fused_kernel_applies(q(jnp.float32), device=_device())
 
 
-def test_auto_attention_falls_back_to_xla_when_cudnn_refuses(monkeypatch):
+@pytest.mark.parametrize('causal', [False, True])
+@pytest.mark.parametrize('l', [7, 8])
+def test_cudnn_attention_pads_an_odd_length_behind_its_padding_mask(causal, l):
+  """cudnn_attention's padding, run through XLA's implementation of the same call on this CPU:
+  an odd length goes in one longer with the extra key masked, and the numbers and gradients
+  are those of the unpadded attention."""
+  rng = np.random.default_rng(3)
+  q, k, v, w = (rng.normal(size=(2, l, 2, 8)).astype(np.float32) for _ in range(4))
+  calls = []
+  plain = jax.nn.dot_product_attention
+  def spy(q, k, v, **kw):
+    calls.append((q.shape[1], k.shape[1], kw.get('key_value_seq_lengths')))
+    return plain(q, k, v, **kw)
+  padded = lambda q, k, v: attentions.cudnn_attention(q, k, v, causal=causal, implementation='xla')
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(jax.nn, 'dot_product_attention', spy)
+    out = padded(*map(jnp.asarray, (q, k, v)))
+    grads = jax.grad(lambda *a: jnp.sum(padded(*a) * w), argnums=(0, 1, 2))(q, k, v)
+  even = l + l % 2
+  assert calls[0][:2] == (even, even)
+  assert (calls[0][2] is None) == (l % 2 == 0)
+  if l % 2:
+    np.testing.assert_array_equal(calls[0][2], [l, l])
+  assert out.shape == q.shape
+  assert_close_f32(out, np_attention(q, k, v, causal))
+  ref = jax.grad(lambda *a: jnp.sum(attentions.attend(*a, causal=causal) * w), argnums=(0, 1, 2))
+  assert_trees_close_f32(grads, ref(q, k, v))
+
+
+def _refusing_cudnn(monkeypatch, where):
+  """jax.nn.dot_product_attention as on a GPU whose cuDNN refuses the call, in the forward call
+  or, as JAX does for some limits, only in the gradient's rule; XLA's path runs."""
   plain = jax.nn.dot_product_attention
   asked = []
-  def refusing(*args, implementation=None, **kw):
+  def refusing(q, k, v, *, implementation=None, **kw):
     asked.append((implementation, sorted(kw.items())))
-    if implementation == 'cudnn':
+    if implementation != 'cudnn':
+      return plain(q, k, v, implementation=implementation, **kw)
+    if where == 'forward':
       raise NotImplementedError('cuDNN refuses this layout')
-    return plain(*args, implementation=implementation, **kw)
+    @jax.custom_vjp
+    def kernel(q, k, v):
+      return plain(q, k, v, implementation='xla', **kw)
+    def kernel_fwd(q, k, v):
+      raise NotImplementedError('Unsupported sequence length Q 6')
+    kernel.defvjp(kernel_fwd, lambda res, g: g)
+    return kernel(q, k, v)
   monkeypatch.setattr(jax.nn, 'dot_product_attention', refusing)
   monkeypatch.setattr(attentions, 'fused_kernel', lambda q, mask=None: 'cudnn')
+  attentions._refusal.cache_clear()
+  monkeypatch.setattr(attentions, '_refusal', attentions._refusal.__wrapped__)
+  return asked
+
+
+@pytest.mark.parametrize('where', ['forward', 'gradient'])
+def test_auto_attention_falls_back_to_xla_when_cudnn_refuses(monkeypatch, where):
+  """A refusal raised in the forward call, or only once the gradient is taken (which a try
+  around the forward call would miss, under nn.scan or jax.grad of the whole model alike):
+  'auto' warns and takes XLA's path, and the gradient runs."""
+  asked = _refusing_cudnn(monkeypatch, where)
   rng = np.random.default_rng(1)
-  q, k, v = (rng.normal(size=(2, 5, 2, 8)).astype(np.float32) for _ in range(3))
-  with pytest.warns(UserWarning, match="cudnn fused attention refused q .*cuDNN refuses this layout.*XLA's path"):
-    out = attentions.attend(*map(jnp.asarray, (q, k, v)), causal=True, impl='auto')
+  q, k, v, w = (rng.normal(size=(2, 6, 2, 8)).astype(np.float32) for _ in range(4))
+  auto = lambda q, k, v: jnp.sum(attentions.attend(q, k, v, causal=True, impl='auto') * w)
+  refusal = 'cuDNN refuses this layout' if where == 'forward' else 'Unsupported sequence length'
+  with pytest.warns(UserWarning, match=f"cudnn fused attention refused q .*{refusal}.*XLA's path"):
+    value, grads = jax.value_and_grad(auto, argnums=(0, 1, 2))(q, k, v)
   scale = 1 / math.sqrt(8)
-  assert asked == [('cudnn', [('is_causal', True), ('scale', scale)]),      # no mask to cuDNN
-                   ('xla', [('is_causal', True), ('mask', None), ('scale', scale)])]
-  assert_close_f32(out, np_attention(q, k, v, True))
+  assert asked[0] == ('cudnn', [('is_causal', True), ('scale', scale)])      # no mask to cuDNN
+  assert asked[-1] == ('xla', [('is_causal', True), ('mask', None), ('scale', scale)])
+  assert_close_f32(value, np.sum(np_attention(q, k, v, True) * w))
+  ref = jax.grad(lambda *a: jnp.sum(attentions.attend(*a, causal=True) * w), argnums=(0, 1, 2))
+  assert_trees_close_f32(grads, ref(q, k, v))
 
 
 def _splash_case(causal, b=2, l=128, n=2, h=8, seed=2):
@@ -170,6 +224,7 @@ def test_auto_attention_routes_to_splash_and_falls_back_to_xla(monkeypatch, refu
     return plain(q, k, v, causal=causal)
   monkeypatch.setattr(attentions, 'splash_attention', splash)
   monkeypatch.setattr(attentions, 'fused_kernel', lambda q, mask=None: 'splash')
+  monkeypatch.setattr(attentions, '_refusal', attentions._refusal.__wrapped__)   # uncached
   (q, k, v), _ = _splash_case(True)
   run = lambda: attentions.attend(*map(jnp.asarray, (q, k, v)), causal=True, impl='auto')
   if refuse:
@@ -177,7 +232,7 @@ def test_auto_attention_routes_to_splash_and_falls_back_to_xla(monkeypatch, refu
       out = run()
   else:
     out = run()
-  assert called == [True]
+  assert called == [True] * (1 if refuse else 2)    # the gradient's trial, then the call
   assert_close_f32(out, np_attention(q, k, v, True))
 
 

@@ -124,9 +124,13 @@ else
     "ViT_B_Synthetic --profile"
     "GPT_B_Synthetic --profile"
     # ... then each fast path off, one at a time, the short ones first (XLA's attention is
-    # what 'auto' ran before 2026-12-04; the scan OOMed DiT-XL at batch 256 that day, so it is
-    # tried on ViT-B), and XLA's Triton GEMMs off (cuBLAS for every matmul)
+    # what 'auto' ran before 2026-12-04, and for ViT-B's odd 197 tokens until cuDNN's padding
+    # mask took them; the scan OOMed DiT-XL at batch 256 that day, so it is tried on ViT-B), a
+    # 16-bit residual stream (the DiT's conversions around the float32 one), and XLA's Triton
+    # GEMMs off (cuBLAS for every matmul)
+    "ViT_B_Synthetic ATTENTION_IMPL=xla"
     "GPT_B_Synthetic ATTENTION_IMPL=xla"
+    "DiT_XL_Synthetic GLOBAL_BATCH=256 RESIDUAL_DTYPE=bfloat16"
     "ViT_B_Synthetic SCAN_LAYERS=True"
     "GPT_B_Synthetic LOSS_CHUNK=0"
     "GPT_B_Synthetic env:XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"

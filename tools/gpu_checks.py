@@ -3,7 +3,8 @@
 1. The fused attention paths ('xla', 'cudnn') against the einsum reference, causal and not,
    float32 and bfloat16.
 2. ATTENTION_IMPL='auto' at the shapes the at-scale defaults give it (ViT-B/16's 197 tokens,
-   DiT-XL/2's head dimension of 72, GPT-B's causal 1024 tokens): cuDNN's fused attention in the
+   padded to 198 behind cuDNN's padding mask, DiT-XL/2's head dimension of 72, GPT-B's causal
+   1024 tokens): cuDNN's fused attention in the
    compiled program where layers/attentions.fused_kernel_applies says so (XLA's path on a CPU,
    where this script also runs), and its loss and gradients against the einsum reference.
 3. KV-cache decoding equals the full forward pass on the device (float32).
