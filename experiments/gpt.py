@@ -19,7 +19,9 @@ class GPT(Experiment, abstract=True):
   INIT_STD = 0.02                  # GPT-2 / nanoGPT: normal(0.02), residual projections scaled
                                    # by 1/sqrt(2 DEPTH); 0: Xavier-uniform as the other families
   VOCAB_MULTIPLE = 128             # the token table's rows: VOCAB_SIZE rounded up to a multiple
-  LOSS_CHUNK = 128                 # positions per cross-entropy chunk (models/gpt.py); 0: none
+  LOSS_CHUNK = None                # positions per cross-entropy chunk; 0: none; None: none where
+                                   # the logits take at most 1/8 of the device, else 128
+                                   # (models/gpt.GPT.chunk_for)
   LOSS_VOCAB_BLOCK = None          # vocabulary rows per streamed cross-entropy block (0: none;
                                    # None: 2048 on the CPU backend, else none; models/gpt.py)
   SAMPLE_PROMPT = '\n'

@@ -433,6 +433,31 @@ def test_gpt2_small_parameter_count():
   assert n_params(padded, jnp.zeros((1, 1024), jnp.int32)) == 124_439_808 + 47 * 768
 
 
+def test_gpt_loss_chunk_by_default_follows_the_device_memory():
+  """LOSS_CHUNK=None: all logits at once while a device's share of the float32 logits takes at
+  most 1/8 of its memory (GPT-B's 32 x 1024 tokens on one H200), else 128 positions at a time
+  (GPT_S_OWT's 480 sequences on one H200, GPT-B on a 40 GB A100); the batch's sharding divides
+  the share; a device that reports no memory (this CPU) chunks; a set LOSS_CHUNK stays."""
+  model = gpt.GPT(vocab_size=50257, max_len=1024, hidden=768, depth=12, heads=12,
+                  loss_chunk=None)
+  h200, a100 = 141 * 2**30, 40 * 2**30
+  share = lambda b, memory: b * 1024 * 50304 * 4 / memory
+  assert share(32, h200) < gpt.LOGITS_MEMORY_FRACTION == 1 / 8 < share(32, a100)
+  assert model.chunk_for(32, 1024, h200) == 0
+  assert model.chunk_for(480, 1024, h200) == gpt.AUTO_LOSS_CHUNK == 128
+  assert model.chunk_for(32, 1024, a100) == 128
+  assert model.chunk_for(32, 1024) == 128                     # this CPU reports no memory
+  assert model.clone(loss_chunk=64).chunk_for(32, 1024, h200) == 64
+  assert model.clone(loss_chunk=0).chunk_for(480, 1024, h200) == 0
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 4})           # the batch over 8 devices
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    assert model.chunk_for(256, 1024, h200) == 0               # 32 sequences a device
+    assert model.chunk_for(1024, 1024, h200) == 128            # 128 a device
+  from experiments import base
+  exp, cfg = base.build_config('GPT_S_OWT', [])
+  assert exp.LOSS_CHUNK is None and cfg.model.loss_chunk is None
+
+
 @pytest.mark.parametrize('tie', [True, False])
 def test_gpt_padded_vocab_and_chunked_loss_match_plain(tie):
   """Padding ids are never predicted (their logits are -inf), the returned logits cover the real

@@ -132,7 +132,7 @@ else
     "GPT_B_Synthetic ATTENTION_IMPL=xla"
     "DiT_XL_Synthetic GLOBAL_BATCH=256 RESIDUAL_DTYPE=bfloat16"
     "ViT_B_Synthetic SCAN_LAYERS=True"
-    "GPT_B_Synthetic LOSS_CHUNK=0"
+    "GPT_B_Synthetic LOSS_CHUNK=128"
     "GPT_B_Synthetic env:XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"
     "ViT_B_Synthetic env:XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"
     "GPT_B_Synthetic FUSED_QKV=True"
