@@ -126,6 +126,8 @@ class Experiment:
   AT_LEAST_ZERO = ('SAMPLE_EVERY', 'LOSS_CHUNK', 'LOSS_VOCAB_BLOCK', 'EVAL_BATCHES', 'WARMUP',
                    'WEIGHT_DECAY', 'INIT_STD', 'GRAD_CLIP', 'SEED', 'FID_NUM', 'FID_EVERY',
                    'FID_BATCH', 'DATA_WORKERS', 'DECODER_CONV')
+  # Knobs whose default, None, means "decided when the model runs": None or an integer.
+  INT_OR_NONE = ('LOSS_CHUNK', 'LOSS_VOCAB_BLOCK')
   CHOICES = {'LR_SCHEDULE': ('constant', 'cosine'), 'DTYPE': ('float32', 'bfloat16'),
              'RESIDUAL_DTYPE': ('float32', 'bfloat16'),
              'ATTENTION_IMPL': attentions.IMPLEMENTATIONS, 'REMAT': transformers.REMAT_POLICIES,
@@ -176,6 +178,10 @@ class Experiment:
     for name in self.AT_LEAST_ZERO:
       if isinstance(knobs.get(name), (int, float)) and knobs[name] < 0:
         raise ConfigError(f'{name}={knobs[name]} must be at least 0 (0: see the knob\'s comment)')
+    for name in self.INT_OR_NONE:
+      value = knobs.get(name)
+      if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ConfigError(f'{name}={value!r} takes an integer, or None (see the knob\'s comment)')
     for name, choices in self.CHOICES.items():
       if name in knobs and knobs[name] not in choices:
         raise ConfigError(f'{name}={knobs[name]!r}: use one of {", ".join(map(repr, choices))}')

@@ -40,8 +40,9 @@ def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
   if impl == 'auto':
     kernel = fused_kernel(q, mask)
     if kernel is not None:
-      refusal = _refusal(kernel, causal, jax.ShapeDtypeStruct(q.shape, q.dtype),
-                         jax.ShapeDtypeStruct(k.shape, k.dtype), jax.sharding.get_abstract_mesh())
+      refusal = _refusal(kernel, causal, *(jax.ShapeDtypeStruct(x.shape, x.dtype)
+                                           for x in (q, k, v)),
+                         jax.sharding.get_abstract_mesh(), tuple(nn.get_logical_axis_rules()))
       if refusal is None:
         return _fused(kernel, q, k, v, causal)
       warnings.warn(f"ATTENTION_IMPL='auto': the {kernel} fused attention refused q {q.shape} "
@@ -72,33 +73,42 @@ def cudnn_attention(q, k, v, *, causal: bool = False, implementation: str = 'cud
   """jax.nn.dot_product_attention through cuDNN's fused kernel (`implementation`; tests run the
   same call through 'xla'). cuDNN refuses an odd length when the gradient is taken (on one
   H200, 2026-12-04: "Unsupported sequence length Q 197", ViT-B/16's 197 tokens), so an odd
-  length is padded by one query and one key, and the padding mask hides that key
-  (key_value_seq_lengths); the padded query's row is dropped. It sees every real key, so its
-  softmax stays finite and its zero cotangent adds nothing to the gradients."""
+  length is padded by one query and one key, which the padding mask hides (both sequence
+  lengths given: the real lengths are then equal, so a causal mask is the same whether the
+  kernel aligns it top-left or bottom-right); the padded query's row is dropped, and its zero
+  cotangent adds nothing to the gradients."""
   scale = 1.0 / math.sqrt(q.shape[-1])
-  l, s = q.shape[1], k.shape[1]
+  b, l, s = q.shape[0], q.shape[1], k.shape[1]
   if l % 2 == 0 and s % 2 == 0:
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
                                         implementation=implementation)
   even = lambda x: jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))
+  lengths = lambda n: sharding.shard(jnp.full((b,), n, jnp.int32), ('act_batch',))
   out = jax.nn.dot_product_attention(
-      even(q), even(k), even(v), scale=scale, is_causal=causal,
-      key_value_seq_lengths=jnp.full((q.shape[0],), s, jnp.int32), implementation=implementation)
+      even(q), even(k), even(v), scale=scale, is_causal=causal, query_seq_lengths=lengths(l),
+      key_value_seq_lengths=lengths(s), implementation=implementation)
   return out[:, :l]
 
 
 @functools.lru_cache(maxsize=256)
 def _refusal(kernel: str, causal: bool, q: jax.ShapeDtypeStruct, k: jax.ShapeDtypeStruct,
-             mesh=None) -> str | None:
+             v: jax.ShapeDtypeStruct, mesh=None, rules=()) -> str | None:
   """Why `kernel` cannot run this attention and its gradient (None: it can), found by tracing
   both abstractly. JAX raises some of cuDNN's refusals only in the gradient's rule, outside the
-  forward call, where a try around that call cannot see them; this asks before choosing. `mesh`
-  (the abstract mesh of the call) is part of the answer's cache key: splash runs per device."""
+  forward call, where a try around that call cannot see them; this asks before choosing.
+
+  Only refusals raised while tracing are seen: one that a compiler raises later (Mosaic lowering
+  a Pallas kernel, XLA compiling cuDNN's call) still fails the step. The abstract mesh and the
+  logical axis rules of the call are part of the cache key: splash runs per device under them."""
   def loss(q, k, v):
     return jnp.sum(_fused(kernel, q, k, v, causal).astype(jnp.float32))
   try:
-    jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), q, k, k)
-  except (NotImplementedError, ValueError, TypeError, RuntimeError) as e:  # RuntimeError: no cuDNN
+    jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+  except (NotImplementedError, ValueError) as e:   # the kernels' ways of saying no
+    return f'{type(e).__name__}: {e}'
+  except RuntimeError as e:   # a GPU without cuDNN; anything else is a bug to see
+    if 'cudnn' not in str(e).lower():
+      raise
     return f'{type(e).__name__}: {e}'
   return None
 

@@ -212,6 +212,7 @@ def trained_workdir(tmp_path_factory):
     (['--exp=ViT_S_ImageNet', '--set', "IMAGE_FOLDER='/nonexistent/images'"],
      'IMAGE_FOLDER /nonexistent/images is not a directory'),
     (['--exp=ViT_T_Synthetic', '--set', 'NUM_STEPS=2.5'], 'NUM_STEPS takes an integer'),
+    (['--exp=GPT_T_Synthetic', '--set', 'LOSS_CHUNK=64.0'], 'LOSS_CHUNK=64.0 takes an integer, or'),
     (['--exp=ViT_T_Synthetic', '--set', 'EVAL_EVERY=0'], 'EVAL_EVERY=0 must be at least 1'),
     (['--exp=ViT_T_Synthetic', '--set', 'ATTENTION_IMPL=flash'],
      "ATTENTION_IMPL='flash': use one of 'einsum', 'xla', 'cudnn', 'splash', 'auto'"),

@@ -79,14 +79,15 @@ def test_auto_attention_takes_cudnn_only_where_the_fused_kernel_applies():
 @pytest.mark.parametrize('l', [7, 8])
 def test_cudnn_attention_pads_an_odd_length_behind_its_padding_mask(causal, l):
   """cudnn_attention's padding, run through XLA's implementation of the same call on this CPU:
-  an odd length goes in one longer with the extra key masked, and the numbers and gradients
-  are those of the unpadded attention."""
+  an odd length goes in one longer with the extra query and key masked as padding, and the
+  numbers and gradients are those of the unpadded attention."""
   rng = np.random.default_rng(3)
   q, k, v, w = (rng.normal(size=(2, l, 2, 8)).astype(np.float32) for _ in range(4))
   calls = []
   plain = jax.nn.dot_product_attention
   def spy(q, k, v, **kw):
-    calls.append((q.shape[1], k.shape[1], kw.get('key_value_seq_lengths')))
+    calls.append((q.shape[1], k.shape[1], kw.get('query_seq_lengths'),
+                  kw.get('key_value_seq_lengths')))
     return plain(q, k, v, **kw)
   padded = lambda q, k, v: attentions.cudnn_attention(q, k, v, causal=causal, implementation='xla')
   with pytest.MonkeyPatch.context() as mp:
@@ -95,9 +96,10 @@ def test_cudnn_attention_pads_an_odd_length_behind_its_padding_mask(causal, l):
     grads = jax.grad(lambda *a: jnp.sum(padded(*a) * w), argnums=(0, 1, 2))(q, k, v)
   even = l + l % 2
   assert calls[0][:2] == (even, even)
-  assert (calls[0][2] is None) == (l % 2 == 0)
-  if l % 2:
-    np.testing.assert_array_equal(calls[0][2], [l, l])
+  for lengths in calls[0][2:]:      # both lengths given, for the batch's two sequences
+    assert (lengths is None) == (l % 2 == 0)
+    if l % 2:
+      np.testing.assert_array_equal(lengths, [l, l])
   assert out.shape == q.shape
   assert_close_f32(out, np_attention(q, k, v, causal))
   ref = jax.grad(lambda *a: jnp.sum(attentions.attend(*a, causal=causal) * w), argnums=(0, 1, 2))
@@ -220,7 +222,7 @@ def test_auto_attention_routes_to_splash_and_falls_back_to_xla(monkeypatch, refu
   def splash(q, k, v, *, causal=False):
     called.append(causal)
     if refuse:
-      raise NotImplementedError('Mosaic refuses this head dimension')
+      raise NotImplementedError('the kernel refuses this head dimension while tracing')
     return plain(q, k, v, causal=causal)
   monkeypatch.setattr(attentions, 'splash_attention', splash)
   monkeypatch.setattr(attentions, 'fused_kernel', lambda q, mask=None: 'splash')
@@ -228,7 +230,7 @@ def test_auto_attention_routes_to_splash_and_falls_back_to_xla(monkeypatch, refu
   (q, k, v), _ = _splash_case(True)
   run = lambda: attentions.attend(*map(jnp.asarray, (q, k, v)), causal=True, impl='auto')
   if refuse:
-    with pytest.warns(UserWarning, match="the splash fused attention refused .*Mosaic refuses"):
+    with pytest.warns(UserWarning, match="the splash fused attention refused .*while tracing"):
       out = run()
   else:
     out = run()

@@ -4,7 +4,7 @@
    float32 and bfloat16.
 2. ATTENTION_IMPL='auto' at the shapes the at-scale defaults give it (ViT-B/16's 197 tokens,
    padded to 198 behind cuDNN's padding mask, DiT-XL/2's head dimension of 72, GPT-B's causal
-   1024 tokens): cuDNN's fused attention in the
+   1024 tokens, and a causal 197 padded): cuDNN's fused attention in the
    compiled program where layers/attentions.fused_kernel_applies says so (XLA's path on a CPU,
    where this script also runs), and its loss and gradients against the einsum reference.
 3. KV-cache decoding equals the full forward pass on the device (float32).
@@ -51,7 +51,8 @@ def check_auto_attention() -> bool:
   rng = np.random.default_rng(1)
   for name, (b, l, n, h), causal in (('ViT-B/16', (8, 197, 12, 64), False),
                                      ('DiT-XL/2', (8, 256, 16, 72), False),
-                                     ('GPT-B', (4, 1024, 12, 64), True)):
+                                     ('GPT-B', (4, 1024, 12, 64), True),
+                                     ('causal odd', (4, 197, 12, 64), True)):   # padded, masked
     q, k, v = (jnp.asarray(rng.normal(size=(b, l, n, h)), jnp.bfloat16) for _ in range(3))
     def grads(impl):
       loss = lambda q, k, v: jnp.sum(attend(q, k, v, causal=causal, impl=impl)
