@@ -53,6 +53,8 @@ def test_result_has_every_field_with_sane_values(gpt_result):
   assert r['experiment'] == 'GPT_T_Synthetic' and r['overrides'] == ['GLOBAL_BATCH=8']
   assert r['devices']['count'] == 8 and r['platform'] == 'cpu' and r['mesh']['fsdp'] == 8
   assert r['global_batch'] == 8 and len(r['step_times_s']) == 2
+  # knobs left to the model, as it decided them on a CPU: chunked (no memory reported), streamed
+  assert r['knobs']['LOSS_CHUNK'] == 128 and r['knobs']['LOSS_VOCAB_BLOCK'] == 2048
   for key in ('step_time_s', 'step_time_mean_s', 'step_time_pipelined_s', 'examples_per_s',
               'tokens_per_s', 'tflops_per_device', 'compile_time_s', 'param_count',
               'flops_per_example'):

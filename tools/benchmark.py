@@ -45,7 +45,7 @@ if ROOT not in sys.path:
 # out).
 REPORTED_KNOBS = ('DTYPE', 'ATTENTION_IMPL', 'REMAT', 'SCAN_LAYERS', 'SCAN_UNROLL',
                   'RESIDUAL_DTYPE', 'HIDDEN', 'DEPTH', 'HEADS', 'PATCH', 'IMAGE_SIZE', 'SEQ_LEN',
-                  'MESH', 'USE_VAE', 'LATENTS_DIR')
+                  'MESH', 'USE_VAE', 'LATENTS_DIR', 'LOSS_CHUNK', 'LOSS_VOCAB_BLOCK')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -360,6 +360,21 @@ def peak_fields(dtype: str, before: dict, after: dict, peak_override=None) -> di
           'matmul_tflops_before': before.get(dtype), 'matmul_tflops_after': after.get(dtype)}
 
 
+def resolved_knobs(p: Prepared) -> dict:
+  """What the model decided for knobs left to it (None): GPT's loss chunk, which follows the
+  device's memory, and its vocabulary block, which follows the backend (models/gpt.py)."""
+  import jax
+  from flax import linen as nn
+  from layers import sharding
+  model, out = p.model, {}
+  if hasattr(model, 'chunk_for') and getattr(p.exp, 'LOSS_CHUNK', 0) is None:
+    with jax.set_mesh(p.mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+      out['LOSS_CHUNK'] = model.chunk_for(p.settings.global_batch, p.settings.tokens_per_example)
+  if hasattr(model, 'streamed_vocab_block') and getattr(p.exp, 'LOSS_VOCAB_BLOCK', 0) is None:
+    out['LOSS_VOCAB_BLOCK'] = model.streamed_vocab_block
+  return out
+
+
 def make_result(p: Prepared, times, pipelined: float, warmup: int, peak: dict) -> dict:
   """The JSON result of one timed variant (docs/BENCHMARK.md lists the fields)."""
   import jax
@@ -381,6 +396,7 @@ def make_result(p: Prepared, times, pipelined: float, warmup: int, peak: dict) -
   xla = xla_flops(p.compiled)
   loss = float(jax.device_get(p.metrics['loss']))
   knobs = {k: getattr(p.exp, k) for k in REPORTED_KNOBS if hasattr(p.exp, k)}
+  knobs.update(resolved_knobs(p))
   return {
       'experiment': p.exp_name,
       'overrides': p.overrides + (['--random_vae'] if p.random_vae else []),
