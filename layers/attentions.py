@@ -195,11 +195,6 @@ def fused_kernel(q, mask=None, device=None) -> str | None:
   return None
 
 
-def fused_kernel_applies(q, mask=None, device=None) -> bool:
-  """Whether 'auto' attention takes a fused kernel for q (`fused_kernel`)."""
-  return fused_kernel(q, mask, device) is not None
-
-
 class SelfAttention(nn.Module):
   """Self-attention with q/k/v projections 'query', 'key', 'value' [d, n, h] ('embed', 'heads',
   'kv'). `fused_qkv` applies the three as one matmul of three times the output width, their

@@ -83,6 +83,22 @@ def mesh_spec(shape: Sequence[int], names: Sequence[str | None]) -> P | None:
   """The PartitionSpec `shard` pins on an array of `shape` under the current mesh and rules
   (None outside a mesh or without rules): also the per-device blocks a shard_map around a
   kernel that cannot be partitioned automatically takes (layers/attentions.splash_attention)."""
+  split = _split(shape, names)
+  if split is None:
+    return None
+  return P(*(None if not axes else axes[0] if len(axes) == 1 else axes for axes, _ in split))
+
+
+def local_shape(shape: Sequence[int], names: Sequence[str | None]) -> tuple[int, ...]:
+  """The per-device block of an array of `shape` that `shard` would pin (the whole shape outside
+  a mesh or without rules)."""
+  split = _split(shape, names)
+  return tuple(shape) if split is None else tuple(d // size for d, (_, size) in zip(shape, split))
+
+
+def _split(shape, names) -> list[tuple[tuple[str, ...], int]] | None:
+  """For each dimension, the mesh axes that split it and their total size ((), 1 where none
+  divides it); None outside a mesh or without rules."""
   rules = nn.get_logical_axis_rules()
   mesh = jax.sharding.get_abstract_mesh()
   if not rules or mesh.empty:
@@ -90,12 +106,12 @@ def mesh_spec(shape: Sequence[int], names: Sequence[str | None]) -> P | None:
   if len(names) != len(shape):
     raise ValueError(f'shard: {len(names)} names {tuple(names)} for an array of rank {len(shape)}')
   table = dict(rules)
-  spec = []
+  split = []
   for dim, name in zip(shape, names):
     axes = tuple(a for a in _mesh_axes_of(name, table) if a in mesh.axis_names)
     size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    spec.append(None if not axes or dim % size else axes[0] if len(axes) == 1 else axes)
-  return P(*spec)
+    split.append(((), 1) if not axes or dim % size else (axes, size))
+  return split
 
 
 def _path_str(path) -> str:

@@ -18,8 +18,6 @@ apply with `mutable=['cache']`: once on the prompt (prefill), then once per new 
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -27,7 +25,7 @@ from flax import linen as nn
 from layers.embeddings import Embed, PositionEmbed
 from layers.heads import CPU_VOCAB_BLOCK, token_cross_entropy, vocab_logits
 from layers.normalizations import LayerNorm
-from layers.sharding import mesh_spec, shard
+from layers.sharding import local_shape, shard
 from layers.transformers import SIZES, Backbone, block_flops  # noqa: F401  (SIZES: for users)
 
 # The loss's chunk where GPT.chunk_for decides: all logits at once while a device's share of them
@@ -91,12 +89,8 @@ class GPT(nn.Module):
       memory_bytes = stats.get('bytes_limit')
     if not memory_bytes:
       return AUTO_LOSS_CHUNK
-    spec = mesh_spec((b, l), ('act_batch', 'act_len'))
-    axes = () if spec is None or spec[0] is None else (
-        (spec[0],) if isinstance(spec[0], str) else spec[0])
-    mesh = jax.sharding.get_abstract_mesh()
-    shards = math.prod(mesh.shape[a] for a in axes)
-    logits_bytes = -(-b // shards) * l * self.padded_vocab * 4
+    local_b, local_l = local_shape((b, l), ('act_batch', 'act_len'))
+    logits_bytes = local_b * local_l * self.padded_vocab * 4
     return 0 if logits_bytes <= memory_bytes * LOGITS_MEMORY_FRACTION else AUTO_LOSS_CHUNK
 
   @nn.compact

@@ -256,9 +256,8 @@ def test_causal_attention_is_counted_as_the_fused_kernel_computes_it(monkeypatch
   assert counted('ViT_T_Synthetic', 'ATTENTION_IMPL=cudnn') == (vit, flops.FULL_ATTENTION)
   # on a (stand-in) H200, auto's decision is the real one, asked at the model's own length
   gpu = types.SimpleNamespace(platform='gpu', compute_capability='9.0')
-  decide = attentions.fused_kernel_applies
-  monkeypatch.setattr(attentions, 'fused_kernel_applies',
-                      lambda q, mask=None: decide(q, mask, device=gpu))
+  decide = attentions.fused_kernel
+  monkeypatch.setattr(attentions, 'fused_kernel', lambda q, mask=None: decide(q, mask, device=gpu))
   auto = ('GPT_T_Synthetic', 'ATTENTION_IMPL=auto', 'DTYPE=bfloat16')
   assert counted(*auto) == triangle
   assert counted('GPT_T_Synthetic', 'ATTENTION_IMPL=auto', 'DTYPE=float32') == (
@@ -266,7 +265,6 @@ def test_causal_attention_is_counted_as_the_fused_kernel_computes_it(monkeypatch
   assert counted(*auto, 'SEQ_LEN=31')[1] == flops.CAUSAL_TRIANGLE   # padded to 32 for cuDNN
   # on a (stand-in) TPU, splash's: a multiple of its 128-long blocks, or XLA's path
   tpu = types.SimpleNamespace(platform='tpu')
-  monkeypatch.setattr(attentions, 'fused_kernel_applies',
-                      lambda q, mask=None: decide(q, mask, device=tpu))
+  monkeypatch.setattr(attentions, 'fused_kernel', lambda q, mask=None: decide(q, mask, device=tpu))
   assert counted(*auto, 'SEQ_LEN=256')[1] == flops.CAUSAL_TRIANGLE
   assert counted(*auto, 'SEQ_LEN=200')[1] == flops.FULL_ATTENTION

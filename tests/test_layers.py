@@ -52,14 +52,13 @@ def _device(platform='gpu', cc='9.0'):
   return types.SimpleNamespace(platform=platform, compute_capability=cc)
 
 
-def test_auto_attention_takes_cudnn_only_where_the_fused_kernel_applies():
+def test_auto_attention_takes_cudnn_only_where_the_fused_kernel_runs():
   q = lambda dtype=jnp.bfloat16, h=64, l=4: jnp.zeros((1, l, 2, h), dtype)
   cudnn = lambda *args, device: attentions.fused_kernel(*args, device=device) == 'cudnn'
   assert cudnn(q(), device=_device())                                   # H100 / H200
   assert cudnn(q(h=72, l=256), device=_device())                        # DiT-XL/2
   assert cudnn(q(l=197), device=_device())                 # ViT-B/16: padded to an even length
   assert cudnn(q(jnp.float16, 128), device=_device(cc='8.0'))
-  assert attentions.fused_kernel_applies(q(), device=_device())
   refused = [
       (q(jnp.float32), None, _device()),           # cuDNN's kernel takes 16-bit inputs only
       (q(h=12), None, _device()),                  # head dim not a multiple of 8
@@ -68,11 +67,10 @@ def test_auto_attention_takes_cudnn_only_where_the_fused_kernel_applies():
       (q(), None, _device(cc='7.5')),              # before Ampere
       (q(), None, _device(cc='gfx90a')),           # ROCm names an architecture, not a version
       (q(), None, _device(platform='cpu')),
-      (q(l=256), None, _device(platform='tpu')),   # a TPU's kernel is splash (below)
   ]
   for args in refused:
-    assert not cudnn(args[0], args[1], device=args[2]), args[1:]
-  assert not attentions.fused_kernel_applies(q(jnp.float32), device=_device())
+    assert attentions.fused_kernel(args[0], args[1], device=args[2]) is None, args[1:]
+  assert not cudnn(q(l=256), device=_device(platform='tpu'))   # a TPU's kernel is splash (below)
 
 
 @pytest.mark.parametrize('causal', [False, True])

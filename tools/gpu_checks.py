@@ -5,7 +5,7 @@
 2. ATTENTION_IMPL='auto' at the shapes the at-scale defaults give it (ViT-B/16's 197 tokens,
    padded to 198 behind cuDNN's padding mask, DiT-XL/2's head dimension of 72, GPT-B's causal
    1024 tokens, and a causal 197 padded): cuDNN's fused attention in the
-   compiled program where layers/attentions.fused_kernel_applies says so (XLA's path on a CPU,
+   compiled program where layers/attentions.fused_kernel names it (XLA's path on a CPU,
    where this script also runs), and its loss and gradients against the einsum reference.
 3. KV-cache decoding equals the full forward pass on the device (float32).
 Prints one line per check and exits non-zero if any fails.
@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit('/tools/', 1)[0])
 
-from layers.attentions import CUDNN_CUSTOM_CALL, attend, fused_kernel_applies  # noqa: E402
+from layers.attentions import CUDNN_CUSTOM_CALL, attend, fused_kernel  # noqa: E402
 
 
 def check_attention() -> bool:
@@ -61,7 +61,7 @@ def check_auto_attention() -> bool:
     auto = grads('auto')
     try:
       fused = CUDNN_CUSTOM_CALL in auto.lower(q, k, v).compile().as_text()
-      want = fused_kernel_applies(q)
+      want = fused_kernel(q) == 'cudnn'
       (value, got), (ref_value, ref) = auto(q, k, v), grads('einsum')(q, k, v)
       rel = lambda x, y: float(jnp.linalg.norm((x - y).astype(jnp.float32))
                                / jnp.linalg.norm(y.astype(jnp.float32)))
