@@ -18,9 +18,11 @@ from layers.linears import DenseGeneral, normal_or_default
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: a fully masked row stays NaN-free
 IMPLEMENTATIONS = ('einsum', 'xla', 'cudnn', 'splash', 'auto')
 CUDNN_CUSTOM_CALL = '__cudnn$fmha'   # how cuDNN's fused attention appears in compiled HLO
-# How each fused kernel appears in compiled HLO (a Pallas kernel compiled for a TPU is a Mosaic
-# custom call; run by Pallas's interpreter elsewhere, it leaves no trace of its own).
-FUSED_CUSTOM_CALLS = {'cudnn': CUDNN_CUSTOM_CALL, 'splash': 'tpu_custom_call'}
+# How each fused kernel appears in the lowered (StableHLO) text of a step: cuDNN's call target,
+# and the names the splash kernel gives its Mosaic custom calls (any Pallas kernel lowered for a
+# TPU is a `tpu_custom_call`: only its kernel_name says which). Run by Pallas's interpreter off a
+# TPU, splash leaves no trace of its own.
+FUSED_KERNEL_MARKERS = {'cudnn': CUDNN_CUSTOM_CALL, 'splash': 'kernel_name = "splash_'}
 SPLASH_BLOCK = 128   # the splash kernel's default q and kv blocks: lengths must be multiples
 
 
@@ -38,15 +40,12 @@ def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
     raise ValueError(f'attention impl {impl!r}; choose one of {IMPLEMENTATIONS}')
   scale = 1.0 / math.sqrt(q.shape[-1])
   if impl == 'auto':
-    kernel = fused_kernel(q, mask)
+    kernel, refusal = auto_kernel(q, k, v, mask, causal=causal)
     if kernel is not None:
-      refusal = _refusal(kernel, causal, *(jax.ShapeDtypeStruct(x.shape, x.dtype)
-                                           for x in (q, k, v)),
-                         jax.sharding.get_abstract_mesh(), tuple(nn.get_logical_axis_rules()))
-      if refusal is None:
-        return _fused(kernel, q, k, v, causal)
-      warnings.warn(f"ATTENTION_IMPL='auto': the {kernel} fused attention refused q {q.shape} "
-                    f"{q.dtype} ({refusal}); using XLA's path instead", stacklevel=2)
+      return _fused(kernel, q, k, v, causal)
+    if refusal is not None:
+      warnings.warn(f"ATTENTION_IMPL='auto': the {fused_kernel(q, mask)} fused attention refused "
+                    f"q {q.shape} {q.dtype} ({refusal}); using XLA's path instead", stacklevel=2)
     impl = 'xla'
   if impl == 'splash':
     if mask is not None:
@@ -88,6 +87,26 @@ def cudnn_attention(q, k, v, *, causal: bool = False, implementation: str = 'cud
       even(q), even(k), even(v), scale=scale, is_causal=causal, query_seq_lengths=lengths(l),
       key_value_seq_lengths=lengths(s), implementation=implementation)
   return out[:, :l]
+
+
+def auto_kernel(q, k, v, mask=None, *, causal: bool = False
+                ) -> tuple[str | None, str | None]:
+  """(the fused kernel ATTENTION_IMPL='auto' runs for this call, or None for XLA's path; why
+  the kernel `fused_kernel` named refused, or None). Takes arrays or jax.ShapeDtypeStructs, so
+  that the FLOP count (trainer/flops.py) asks exactly what `attend` will decide: after a refusal
+  the whole score matrix runs, and MFU counts it."""
+  kernel = fused_kernel(q, mask)
+  if kernel is None:
+    return None, None
+  refusal = _refusal(kernel, causal, *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)),
+                     jax.sharding.get_abstract_mesh(), tuple(nn.get_logical_axis_rules()))
+  return (kernel, None) if refusal is None else (None, refusal)
+
+
+def fused_kernels_in(stablehlo: str) -> set[str]:
+  """The fused attention kernels the lowered text of a computation calls (`FUSED_KERNEL_MARKERS`;
+  `jax.jit(f).lower(...).as_text()`), so that a report says what ran rather than what was asked."""
+  return {kernel for kernel, marker in FUSED_KERNEL_MARKERS.items() if marker in stablehlo}
 
 
 @functools.lru_cache(maxsize=256)

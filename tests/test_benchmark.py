@@ -55,6 +55,8 @@ def test_result_has_every_field_with_sane_values(gpt_result):
   assert r['global_batch'] == 8 and len(r['step_times_s']) == 2
   # knobs left to the model, as it decided them on a CPU: chunked (no memory reported), streamed
   assert r['knobs']['LOSS_CHUNK'] == 128 and r['knobs']['LOSS_VOCAB_BLOCK'] == 2048
+  # GPT_T_Synthetic's einsum attention: the whole score matrix counted, no fused kernel in it
+  assert r['fused_attention'] == [] and r['attention_flops'] == 'full l x l'
   for key in ('step_time_s', 'step_time_mean_s', 'step_time_pipelined_s', 'examples_per_s',
               'tokens_per_s', 'tflops_per_device', 'compile_time_s', 'param_count',
               'flops_per_example'):
@@ -259,6 +261,10 @@ def test_causal_attention_is_counted_as_the_fused_kernel_computes_it(monkeypatch
   decide = attentions.fused_kernel
   monkeypatch.setattr(attentions, 'fused_kernel', lambda q, mask=None: decide(q, mask, device=gpu))
   auto = ('GPT_T_Synthetic', 'ATTENTION_IMPL=auto', 'DTYPE=bfloat16')
+  # ... and so is its trial of the kernel's gradient: on this CPU JAX refuses cuDNN ("cuDNN is
+  # not detected"), so `attend` takes XLA's path, and the count keeps the whole matrix
+  assert counted(*auto) == (full, flops.FULL_ATTENTION)
+  monkeypatch.setattr(attentions, '_refusal', lambda *a: None)     # a cuDNN that accepts
   assert counted(*auto) == triangle
   assert counted('GPT_T_Synthetic', 'ATTENTION_IMPL=auto', 'DTYPE=float32') == (
       full, flops.FULL_ATTENTION)          # cuDNN takes 16-bit inputs: XLA's path, all of it

@@ -236,6 +236,28 @@ def test_auto_attention_routes_to_splash_and_falls_back_to_xla(monkeypatch, refu
   assert_close_f32(out, np_attention(q, k, v, True))
 
 
+def test_fused_kernels_are_found_by_name_in_the_lowered_step():
+  """What a report says ran (tools/benchmark.py's `fused_attention`): the splash kernel lowered
+  for a TPU (its gradient too) is found by the names of its Mosaic calls, while another Pallas
+  kernel, also a `tpu_custom_call`, is not taken for it; XLA's path holds none."""
+  from jax.experimental import pallas as pl
+
+  def add_one(x):
+    def kernel(x_ref, o_ref):
+      o_ref[...] = x_ref[...] + 1
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype))(x)
+
+  tpu = lambda f, *a: jax.jit(f).trace(*a).lower(lowering_platforms=('tpu',)).as_text()
+  q = jnp.zeros((2, 128, 2, 64), jnp.bfloat16)
+  splash = lambda q: jnp.sum(
+      attentions.splash_attention(q, q, q, causal=True, interpret=False).astype(jnp.float32))
+  assert attentions.fused_kernels_in(tpu(jax.grad(splash), q)) == {'splash'}
+  other = tpu(add_one, jnp.zeros((8, 128)))
+  assert 'tpu_custom_call' in other and attentions.fused_kernels_in(other) == set()
+  xla = jax.jit(lambda q: attentions.attend(q, q, q, impl='xla')).lower(q).as_text()
+  assert attentions.fused_kernels_in(xla) == set()
+
+
 def test_attention_rejects_unknown_impl():
   x = jnp.zeros((1, 2, 1, 4))
   with pytest.raises(ValueError, match='einsum'):

@@ -228,6 +228,7 @@ class Prepared:
   compile_time_s: float    # lowering + compiling the step
   random_vae: bool = False  # --random_vae: a random VAE stands in for VAE_PATH's weights
   metrics: Any = None      # the last step's metrics (None before the first)
+  fused_attention: tuple = ()  # the fused attention kernels the lowered step calls, by name
 
   @property
   def dtype(self) -> str:
@@ -268,7 +269,7 @@ def prepare(exp_name: str, overrides=(), seed: int = 0, log=print,
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from experiments import base
-  from layers import sharding
+  from layers import attentions, sharding
   from trainer import state as state_lib
 
   from trainer import host_devices
@@ -317,14 +318,16 @@ def prepare(exp_name: str, overrides=(), seed: int = 0, log=print,
                       in_shardings=(state_shardings, batch_sharding, frozen_shardings),
                       out_shardings=(state_shardings, replicated), donate_argnums=0)
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch, frozen).compile()
+    lowered = step_fn.lower(state, batch, frozen)
+    compiled = lowered.compile()
     compile_time = time.perf_counter() - t0
+    fused = tuple(sorted(attentions.fused_kernels_in(lowered.as_text())))
   log(f'compiled in {compile_time:.1f} s')
   return Prepared(exp_name=exp_name, overrides=list(overrides), exp=exp, model=model,
                   settings=s, mesh=mesh,
                   compiled=compiled, state=state, batch=batch, frozen=frozen,
                   param_count=n_params, init_time_s=init_time, compile_time_s=compile_time,
-                  random_vae=random_vae)
+                  random_vae=random_vae, fused_attention=fused)
 
 
 # CPU peak: one [n, n] matmul of this size (trainer/flops.py), measured before and after the
@@ -379,7 +382,6 @@ def make_result(p: Prepared, times, pipelined: float, warmup: int, peak: dict) -
   """The JSON result of one timed variant (docs/BENCHMARK.md lists the fields)."""
   import jax
   import numpy as np
-  from layers import attentions
   from trainer import flops
 
   devices, s = jax.devices(), p.settings
@@ -388,9 +390,9 @@ def make_result(p: Prepared, times, pipelined: float, warmup: int, peak: dict) -
   n_dev = len(devices)
   per_example, attention_counted = flops.counted_forward_flops(p.model, s.flops_per_example,
                                                               s.tokens_per_example)
-  if attention_counted == flops.CAUSAL_TRIANGLE and not any(
-      call in p.compiled.as_text() for call in attentions.FUSED_CUSTOM_CALLS.values()):
-    # 'auto' fell back to XLA's path (layers/attentions warned why): the whole matrix ran
+  if attention_counted == flops.CAUSAL_TRIANGLE and not p.fused_attention:
+    # no fused kernel in the step after all (one run by Pallas's interpreter off a TPU, say):
+    # the whole matrix ran
     per_example, attention_counted = s.flops_per_example, flops.FULL_ATTENTION
   tflops = flops.train_tflops_per_device(per_example, examples_per_s, n_dev)
   xla = xla_flops(p.compiled)
@@ -420,6 +422,7 @@ def make_result(p: Prepared, times, pipelined: float, warmup: int, peak: dict) -
       'tokens_per_s': examples_per_s * s.tokens_per_example if s.tokens_per_example else None,
       'flops_per_example': per_example,
       'attention_flops': attention_counted,
+      'fused_attention': list(p.fused_attention),
       'tflops_per_device': tflops,
       **peak,
       'mfu': tflops / peak['peak_tflops_per_device'] if peak['peak_tflops_per_device'] else None,

@@ -34,10 +34,10 @@ def counted_forward_flops(model, flops_per_example: int, seq_len: int) -> tuple[
   """(forward FLOPs per example as the step computes them, what the attention term counts).
 
   A causal model (models/gpt.GPT) whose attention runs a fused kernel ('cudnn', 'splash', or
-  'auto' where layers/attentions.fused_kernel names one) skips the masked triangle that
-  models/*.flops_per_example counts: it is left out here, so that MFU measures what the kernel
-  computes (docs/BENCHMARK.md; splash's blocks on the diagonal, computed whole, are not counted,
-  so its MFU errs low). Everything else keeps the analytic count."""
+  'auto' where layers/attentions.auto_kernel takes one, its gradient traced) skips the masked
+  triangle that models/*.flops_per_example counts: it is left out here, so that MFU measures
+  what the kernel computes (docs/BENCHMARK.md; splash's blocks on the diagonal, computed whole,
+  are not counted, so its MFU errs low). Everything else keeps the analytic count."""
   from layers import attentions
   from models import gpt
   impl = getattr(model, 'attention_impl', None)
@@ -45,7 +45,7 @@ def counted_forward_flops(model, flops_per_example: int, seq_len: int) -> tuple[
     return flops_per_example, FULL_ATTENTION
   if impl == 'auto':
     q = jax.ShapeDtypeStruct((1, seq_len, model.heads, model.hidden // model.heads), model.dtype)
-    if attentions.fused_kernel(q) is None:
+    if attentions.auto_kernel(q, q, q, causal=True)[0] is None:   # none, or it refused
       return flops_per_example, FULL_ATTENTION
   skipped = gpt.causal_skipped_flops(seq_len, model.hidden, model.depth)
   return flops_per_example - skipped, CAUSAL_TRIANGLE
