@@ -216,6 +216,11 @@ def main(argv):
   if FLAGS.exp == 'list':
     print(list_experiments())
     return
+  from trainer import allocator
+  try:
+    logging.info(allocator.reexec())   # once, before anything is loaded: TCMalloc, if installed
+  except ValueError as e:
+    raise UsageError(str(e)) from None
   from experiments import base
   exp, cfg = base.build_config(FLAGS.exp, FLAGS.set)
   if FLAGS.print_config:

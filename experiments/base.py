@@ -96,8 +96,10 @@ class Experiment:
   # | 'dots_with_no_batch_dims_saveable' (jax.checkpoint_policies)
   REMAT = 'none'
   # nn.scan over the blocks, their params stacked on a 'layers' axis: compile time independent of
-  # DEPTH, and 2x faster train steps on CPU (docs/PERFORMANCE.md); False: one module per block,
-  # initialised with the scanned draw (trainer/state.init_params), so only speed changes
+  # DEPTH; on CPU under glibc's malloc 2x faster train steps than unrolled, but under TCMalloc
+  # (trainer/allocator.py) the depth-6 DiT and ViT ran 1.07-1.09x faster unrolled
+  # (docs/PERFORMANCE.md); False: one module per block, initialised with the scanned draw
+  # (trainer/state.init_params), so only speed changes
   SCAN_LAYERS = True
   # SCAN_LAYERS: blocks per iteration of the scan's loop (DEPTH: none), the parameters still
   # stacked; the CPU bfloat16 DiT at depth 6 ran 1.04x faster unrolled (docs/PERFORMANCE.md)

@@ -171,11 +171,14 @@ class DiT_T_FashionMNIST(data.FashionMNISTData, DiT):
   eval/class_consistency, with the ratios to its accuracy on real images, per class too. Samples
   (and the per-class grids) take 32 Euler steps with guidance 3 applied only for t in
   [0.15, 0.8) (CFG_INTERVAL): more consistent than full guidance at 2 (1.08x against 1.07x) at a
-  lower Fréchet distance (2.51 against 3.07), measured at 2600 steps. The step recomputes each
-  block in the backward pass (REMAT='full') and projects q, k, v in one matmul (FUSED_QKV):
-  1.37x faster a step on a 2-core AVX-512 CPU, so there 3000 steps took 259 s against 295 s
-  for 2600 without them (on the AVX2 machines of earlier sessions the two gave the hidden-128
-  DiT only 1.07x and 0.99x). Each token embeds its 4x4 patch with 2 pixels of its neighbours
+  lower Fréchet distance (2.51 against 3.07), measured at 2600 steps. The step projects q, k, v
+  in one matmul (FUSED_QKV) and runs its six blocks unrolled, storing their activations for the
+  backward pass: with TCMalloc (trainer/allocator.py, which launch.py preloads) that was 1.22x
+  faster a step than the scanned, recomputing step (REMAT='full') this recipe had before
+  2026-12-04, whose stacked buffers glibc's malloc faulted in afresh each step: with glibc's
+  malloc the old step is 1.6x faster (`--set SCAN_LAYERS=True --set REMAT=full`;
+  docs/PERFORMANCE.md). Neither changes the function, the parameters or the initial draw.
+  Each token embeds its 4x4 patch with 2 pixels of its neighbours
   around it (EMBED_MARGIN) and decodes an 8x8 block summed where blocks overlap
   (DECODER_OVERLAP): together they bring the samples' seam ratio (the step across patch
   borders against the step inside a patch, 1.04 on real images) from 1.24-1.26 to 1.09-1.17
@@ -198,9 +201,10 @@ class DiT_T_FashionMNIST(data.FashionMNISTData, DiT):
   NUM_STEPS = 3000
   EMA_DECAY = 0.99
   GRID_SHIFT = 'roll'
-  # the scan's stacked buffers of saved activations cost more than recomputing a 96-wide block
-  # (docs/PERFORMANCE.md); neither changes the function, the parameters or the initial draw
-  REMAT = 'full'
+  # unrolled, nothing recomputed: 1.22x a step under TCMalloc (the docstring; 'full' and the
+  # scan until 2026-12-04)
+  SCAN_LAYERS = False
+  REMAT = 'none'
   FUSED_QKV = True
   LOG_EVERY = 25
   EVAL_EVERY = 1500

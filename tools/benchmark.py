@@ -382,7 +382,7 @@ def make_result(p: Prepared, times, pipelined: float, warmup: int, peak: dict) -
   """The JSON result of one timed variant (docs/BENCHMARK.md lists the fields)."""
   import jax
   import numpy as np
-  from trainer import flops
+  from trainer import allocator, flops
 
   devices, s = jax.devices(), p.settings
   step_time = statistics.median(times)
@@ -423,6 +423,7 @@ def make_result(p: Prepared, times, pipelined: float, warmup: int, peak: dict) -
       'flops_per_example': per_example,
       'attention_flops': attention_counted,
       'fused_attention': list(p.fused_attention),
+      'host_allocator': allocator.describe(),
       'tflops_per_device': tflops,
       **peak,
       'mfu': tflops / peak['peak_tflops_per_device'] if peak['peak_tflops_per_device'] else None,
@@ -644,4 +645,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+  from trainer import allocator
+  allocator.reexec()   # time the step with the allocator launch.py trains with
   sys.exit(main())

@@ -566,6 +566,8 @@ def main(argv=None) -> int:
     if 'xla_cpu_enable_xprof_traceme' not in flags:
       os.environ['XLA_FLAGS'] = (flags + ' --xla_cpu_enable_xprof_traceme=true').strip()
   log = lambda msg: print(f'[reference_bench] {msg}', file=sys.stderr, flush=True)
+  from trainer import allocator
+  log(allocator.describe())
   modules = import_reference(args.reference_dir, args.reference_dtype)
   families = FAMILIES if args.family == 'all' else (args.family,)
   results, status = [], 0
@@ -589,4 +591,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+  from trainer import allocator
+  allocator.reexec()   # TCMalloc, as launch.py runs (trainer/allocator.py); both sides alike here
   sys.exit(main())

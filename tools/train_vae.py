@@ -114,4 +114,6 @@ def main(argv=None) -> int:
 
 if __name__ == '__main__':
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  from trainer import allocator
+  print(allocator.reexec(), file=sys.stderr)   # TCMalloc, as launch.py trains with
   sys.exit(main())
