@@ -191,7 +191,8 @@ class DiT_T_FashionMNIST(data.FashionMNISTData, DiT):
   but at 0.66x the step: 64 tokens instead of 49.
   The DiT-T/4 of the earlier recipe (hidden 128, 1600 steps in about the same time, full
   guidance 1.5) reached class consistency 1.00-1.05x the judge's accuracy on real images with
-  shirts or sandals at 0.82; this one 1.06-1.09x with every class at 0.93 or above. docs/RESULTS.md
+  shirts or sandals at 0.82; this one 1.06-1.09x with every class at 0.93 or above (one run of
+  the unrolled step, 2026-12-04: 1.065x, pullovers at 0.90). docs/RESULTS.md
   has the ablations, the measured numbers, wall times and the grid."""
   HIDDEN, DEPTH, HEADS = 96, 6, 4
   PATCH = 4
