@@ -96,8 +96,8 @@ class Experiment:
   # | 'dots_with_no_batch_dims_saveable' (jax.checkpoint_policies)
   REMAT = 'none'
   # nn.scan over the blocks, their params stacked on a 'layers' axis: compile time independent of
-  # DEPTH; on CPU under glibc's malloc 2x faster train steps than unrolled, but under TCMalloc
-  # (trainer/allocator.py) the depth-6 DiT and ViT ran 1.07-1.09x faster unrolled
+  # DEPTH; on CPU under glibc's malloc 1.07-1.13x faster train steps than unrolled at depth 6,
+  # but under TCMalloc (trainer/allocator.py) the depth-6 DiT and ViT ran 1.07-1.09x faster unrolled
   # (docs/PERFORMANCE.md); False: one module per block, initialised with the scanned draw
   # (trainer/state.init_params), so only speed changes
   SCAN_LAYERS = True

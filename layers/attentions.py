@@ -44,8 +44,7 @@ def attend(q, k, v, mask=None, *, causal: bool = False, impl: str = 'einsum'):
     if kernel is not None:
       return _fused(kernel, q, k, v, causal)
     if refusal is not None:
-      warnings.warn(f"ATTENTION_IMPL='auto': the {fused_kernel(q, mask)} fused attention refused "
-                    f"q {q.shape} {q.dtype} ({refusal}); using XLA's path instead", stacklevel=2)
+      warnings.warn(f"ATTENTION_IMPL='auto': {refusal}; using XLA's path instead", stacklevel=2)
     impl = 'xla'
   if impl == 'splash':
     if mask is not None:
@@ -91,16 +90,18 @@ def cudnn_attention(q, k, v, *, causal: bool = False, implementation: str = 'cud
 
 def auto_kernel(q, k, v, mask=None, *, causal: bool = False
                 ) -> tuple[str | None, str | None]:
-  """(the fused kernel ATTENTION_IMPL='auto' runs for this call, or None for XLA's path; why
-  the kernel `fused_kernel` named refused, or None). Takes arrays or jax.ShapeDtypeStructs, so
-  that the FLOP count (trainer/flops.py) asks exactly what `attend` will decide: after a refusal
-  the whole score matrix runs, and MFU counts it."""
+  """(the fused kernel ATTENTION_IMPL='auto' runs for this call, or None for XLA's path; which
+  kernel `fused_kernel` named and why it refused, or None). Takes arrays or
+  jax.ShapeDtypeStructs, so that the FLOP count (trainer/flops.py) asks exactly what `attend`
+  will decide: after a refusal the whole score matrix runs, and MFU counts it."""
   kernel = fused_kernel(q, mask)
   if kernel is None:
     return None, None
   refusal = _refusal(kernel, causal, *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)),
                      jax.sharding.get_abstract_mesh(), tuple(nn.get_logical_axis_rules()))
-  return (kernel, None) if refusal is None else (None, refusal)
+  if refusal is None:
+    return kernel, None
+  return None, f'the {kernel} fused attention refused q {q.shape} {q.dtype} ({refusal})'
 
 
 def fused_kernels_in(stablehlo: str) -> set[str]:

@@ -5,13 +5,14 @@ of the step. glibc's malloc serves a block that large (over 32 MiB, its largest 
 or over 64 MiB from a thread's own arena) with a fresh mmap and unmaps it when freed, so every
 step the kernel faults in, and zeroes, every page of it again: 72,000 page faults a step for the
 ViT at the reference backbone's example config, 22,000 for GPT_T_Bible (docs/PERFORMANCE.md).
-TCMalloc keeps the freed pages for the next step: those steps ran 1.2-1.3x faster, the small
-DiT and ViT about as fast.
+TCMalloc keeps the freed pages for the next step: GPT_T_Bible's step ran 1.24-1.30x faster, the
+ViT's 1.22x or more; the small DiT's and ViT's blocks are smaller, but their training loops
+still gained 1.08-1.25x.
 
 glibc cannot be told otherwise while running: `mallopt` caps the mmap threshold at 32 MiB, and
-one arena for every thread (with mmap off) removed the faults but made the two-device ViT 2-3x
-slower on the arena's lock. An allocator is chosen when a process starts, so `reexec` starts
-the process again, once, with TCMalloc preloaded. ZOO_ALLOCATOR=system keeps glibc's malloc.
+one arena for every thread (with mmap off) removed the faults but made the two-device ViT
+2.2-3.9x slower on the arena's lock. An allocator is chosen when a process starts, so `reexec`
+starts the process again, once, with TCMalloc preloaded. ZOO_ALLOCATOR=system keeps glibc's malloc.
 """
 from __future__ import annotations
 
